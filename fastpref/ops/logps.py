@@ -1,0 +1,283 @@
+"""Fused, chunked per-sequence log-probabilities ``log pi(y|x)`` from hidden states and an lm_head.
+
+Algorithm (shared by every backend; only the row pass differs):
+
+1. Compact: keep only rows whose label is not ``ignore_index`` (prompt and padding never reach the head).
+2. Forward, per chunk of rows: ``logits = h @ W.T (+ b)`` into a reused buffer; the row pass computes
+   the fp32 log-sum-exp and target logit. Only ``lse`` [N] is saved.
+3. Backward, per block of vocabulary columns over all rows: recompute the logits block (or read it from
+   the kept-logits store), turn it in place into ``dlogits = g * (onehot - softmax)``, then
+   ``grad_W[block] = dlogits.T @ h`` (written exactly once, in its final dtype) and
+   ``grad_h += dlogits @ W[block]`` (fp32 accumulator, N x H: small). Blocking the vocabulary rather than
+   the rows means the big gradient is never re-read, which is what makes the CPU path fast.
+4. Memory: one chunk of logits (``chunk_bytes``) plus O(N) vectors plus the gradients. With
+   ``keep_logits_bytes`` the forward keeps as many logits columns as fit and the backward skips their
+   recompute (3 GEMMs instead of 4 where kept).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastpref.ops.backends import Backend, select_backend
+from fastpref.ops.inputs import check_and_flatten, check_label_range
+
+DEFAULT_CHUNK_BYTES = 32 << 20
+_ROW_ALIGN = 16
+_MIN_BLOCK_COLS = 256
+
+
+@dataclass(frozen=True)
+class LogpsOptions:
+    """Everything the autograd Function needs besides tensors (one object, no positional tail)."""
+
+    backend: Backend
+    scale: float  # 1 / temperature
+    chunk_bytes: int
+    keep_logits_bytes: int
+
+
+@dataclass
+class SequenceLogpsOutput:
+    """Result of :func:`sequence_logps`.
+
+    logps: [S] fp32 sum of token log-probs per sequence (0 for a sequence with no valid token).
+    counts: [S] int64 number of tokens whose label is not ``ignore_index``.
+    token_logps: per-token log-probs shaped like ``labels`` (0 at ignored positions), if requested.
+    """
+
+    logps: Tensor
+    counts: Tensor
+    token_logps: Optional[Tensor] = None
+
+    @property
+    def mean_logps(self) -> Tensor:
+        """Per-token average log-prob (0 for empty sequences)."""
+        return self.logps / self.counts.clamp_min(1).to(self.logps.dtype)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    fwd_rows: int  # rows per forward chunk
+    bwd_rows: int  # rows per backward tile (N unless N is huge)
+    block_cols: int  # vocab columns per backward tile
+    kept_cols: int  # leading vocab columns whose logits the forward keeps (0, a multiple of block_cols, or V)
+
+
+def _round_rows(rows: int, n: int) -> int:
+    rows = max(1, min(rows, n))
+    return rows if rows < _ROW_ALIGN or rows == n else rows - rows % _ROW_ALIGN
+
+
+def _plan(n: int, vocab: int, itemsize: int, opts: LogpsOptions, keep: bool) -> _Plan:
+    budget = opts.chunk_bytes
+    fwd_rows = _round_rows(budget // (vocab * itemsize), n)
+    min_cols = min(vocab, _MIN_BLOCK_COLS)
+    bwd_rows = _round_rows(budget // (min_cols * itemsize), n)
+    block_cols = max(min_cols, min(vocab, budget // (bwd_rows * itemsize)))
+    kept_cols = 0
+    if keep and opts.keep_logits_bytes > 0:
+        fit = opts.keep_logits_bytes // (n * itemsize)
+        kept_cols = vocab if fit >= vocab else fit - fit % block_cols
+    return _Plan(fwd_rows, bwd_rows, block_cols, kept_cols)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits_into(out: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
+def _forward(h, weight, bias, labels, opts: LogpsOptions, plan: _Plan):
+    n, vocab = h.shape[0], weight.shape[0]
+    lse = torch.empty(n, dtype=_acc_dtype(h.dtype), device=h.device)
+    target = torch.empty_like(lse)
+    kept = torch.empty(n, plan.kept_cols, dtype=h.dtype, device=h.device) if plan.kept_cols else None
+    keep_all = plan.kept_cols == vocab
+    buf = None if keep_all else torch.empty(plan.fwd_rows * vocab, dtype=h.dtype, device=h.device)
+    for r0 in range(0, n, plan.fwd_rows):
+        r1 = min(n, r0 + plan.fwd_rows)
+        out = kept[r0:r1] if keep_all else buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
+        _logits_into(out, h[r0:r1], weight, bias)
+        chunk_lse, chunk_target = opts.backend.row_forward(out, labels[r0:r1], opts.scale)
+        lse[r0:r1] = chunk_lse
+        target[r0:r1] = chunk_target
+        if kept is not None and not keep_all:
+            kept[r0:r1].copy_(out[:, : plan.kept_cols])
+    return target - lse, lse, kept
+
+
+def _backward(grad, h, weight, bias, labels, lse, kept, opts: LogpsOptions, plan: _Plan, needs):
+    need_h, need_w, need_b = needs
+    n, H = h.shape
+    vocab = weight.shape[0]
+    acc = _acc_dtype(h.dtype)
+    f32 = h.dtype == acc  # no low-precision accumulation to work around
+    grad = grad.to(acc).contiguous()
+    grad_h = torch.zeros(n, H, dtype=acc, device=h.device) if need_h else None
+    one_row_tile = plan.bwd_rows >= n
+    # With several row tiles grad_W is accumulated; a bf16 accumulator would lose precision.
+    acc_w = need_w and not one_row_tile and not f32
+    grad_w = None
+    if need_w:
+        grad_w = torch.zeros(vocab, H, dtype=acc if acc_w else h.dtype, device=h.device)
+    grad_b = torch.zeros(vocab, dtype=acc, device=h.device) if need_b else None
+    buf = torch.empty(plan.bwd_rows * plan.block_cols, dtype=h.dtype, device=h.device)
+    tmp_h = None if f32 or not need_h else torch.empty(plan.bwd_rows, H, dtype=h.dtype, device=h.device)
+    tmp_w = torch.empty(plan.block_cols, H, dtype=h.dtype, device=h.device) if acc_w else None
+
+    for r0 in range(0, n, plan.bwd_rows):
+        r1 = min(n, r0 + plan.bwd_rows)
+        rows = r1 - r0
+        h_r, labels_r, lse_r, grad_r = h[r0:r1], labels[r0:r1], lse[r0:r1], grad[r0:r1]
+        for v0 in range(0, vocab, plan.block_cols):
+            v1 = min(vocab, v0 + plan.block_cols)
+            w_blk = weight[v0:v1]
+            if v1 <= plan.kept_cols:
+                blk = kept[r0:r1, v0:v1]
+            else:
+                blk = buf[: rows * (v1 - v0)].view(rows, v1 - v0)
+                _logits_into(blk, h_r, w_blk, None if bias is None else bias[v0:v1])
+            opts.backend.block_backward_(blk, labels_r, lse_r, grad_r, opts.scale, v0)
+            if need_w:
+                if one_row_tile:
+                    torch.mm(blk.t(), h_r, out=grad_w[v0:v1])
+                elif f32:
+                    grad_w[v0:v1].addmm_(blk.t(), h_r)
+                else:
+                    grad_w[v0:v1] += torch.mm(blk.t(), h_r, out=tmp_w[: v1 - v0])
+            if need_b:
+                grad_b[v0:v1] += blk.sum(0, dtype=acc)
+            if need_h:
+                if f32:
+                    grad_h[r0:r1].addmm_(blk, w_blk)
+                else:
+                    grad_h[r0:r1] += torch.mm(blk, w_blk, out=tmp_h[:rows])
+    return (
+        None if grad_h is None else grad_h.to(h.dtype),
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+    )
+
+
+def _backward_differentiable(grad, h, weight, bias, labels, opts: LogpsOptions, plan: _Plan):
+    """Backward built from differentiable torch ops, used when ``create_graph=True`` (double backward,
+    e.g. WDPO's gradient penalty). It keeps every chunk's softmax alive for autograd: O(N V) memory."""
+    grad_h, grad_w, grad_b = [], 0, 0
+    for r0 in range(0, h.shape[0], plan.fwd_rows):
+        r1 = min(h.shape[0], r0 + plan.fwd_rows)
+        h_r = h[r0:r1]
+        logits = h_r @ weight.t()
+        if bias is not None:
+            logits = logits + bias
+        acc = _acc_dtype(h.dtype)
+        p = torch.softmax(logits.to(acc) * opts.scale, dim=-1)
+        onehot = torch.nn.functional.one_hot(labels[r0:r1], weight.shape[0]).to(acc)
+        d = (opts.scale * grad[r0:r1].to(acc))[:, None] * (onehot - p)
+        grad_b = grad_b + d.sum(0)
+        d = d.to(h.dtype)
+        grad_h.append(d @ weight)
+        grad_w = grad_w + d.t() @ h_r
+    grad_h = torch.cat(grad_h) if grad_h else torch.zeros_like(h)
+    if isinstance(grad_w, int):
+        grad_w = torch.zeros_like(weight)
+        grad_b = torch.zeros(weight.shape[0], device=h.device)
+    return grad_h, grad_w, None if bias is None else grad_b.to(bias.dtype)
+
+
+class SequenceLogps(torch.autograd.Function):
+    """Token log-probs of compacted rows: ``(h [N,H], weight [V,H], bias [V]|None, labels [N]) -> [N] fp32``."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, opts: LogpsOptions):
+        needs_grad = any(ctx.needs_input_grad[:3])
+        plan = _plan(h.shape[0], weight.shape[0], h.element_size(), opts, keep=needs_grad)
+        token_logps, lse, kept = _forward(h, weight, bias, labels, opts, plan)
+        ctx.opts, ctx.plan, ctx.kept = opts, plan, kept
+        ctx.save_for_backward(h, weight, bias, labels, lse)
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, bias, labels, lse = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():
+            grads = _backward_differentiable(grad, h, weight, bias, labels, ctx.opts, ctx.plan)
+            grads = tuple(g if need else None for g, need in zip(grads, needs))
+        else:
+            grads = _backward(grad, h, weight, bias, labels, lse, ctx.kept, ctx.opts, ctx.plan, needs)
+        ctx.kept = None
+        return (*grads, None, None)
+
+
+def sequence_logps(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    seq_ids: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    num_seqs: Optional[int] = None,
+    return_token_logps: bool = False,
+    backend: str = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    keep_logits_bytes: int = 0,
+) -> SequenceLogpsOutput:
+    """Per-sequence sums of token log-probs, without materialising ``[B, T, V]`` logits.
+
+    Args:
+        hidden: [B, T, H] final hidden states, or packed [N, H] with ``seq_ids`` or ``cu_seqlens``.
+        weight: [V, H] lm_head (output embedding) weight, same dtype as ``hidden`` (fp32, bf16; fp16
+            and fp64 on the ``torch`` backend).
+        labels: [B, T] (or [N]) int token ids aligned with ``hidden`` (the caller does the one-token
+            shift); ``ignore_index`` marks prompt and padding rows.
+        bias: optional [V] lm_head bias.
+        temperature: logits are divided by it.
+        seq_ids: packed input only, [N] sequence index of every row; ``num_seqs`` defaults to max+1.
+        cu_seqlens: packed input only, [S+1] cumulative sequence lengths (flash-attn convention).
+        return_token_logps: also return per-token log-probs shaped like ``labels``.
+        backend: ``"auto"``, ``"cpp"`` (CPU), ``"triton"`` (GPU, or CPU under ``TRITON_INTERPRET=1``)
+            or ``"torch"``.
+        chunk_bytes: size of the one logits buffer (per chunk of rows / block of vocabulary).
+        keep_logits_bytes: budget for keeping forward logits so the backward skips recomputing them.
+
+    Returns:
+        :class:`SequenceLogpsOutput`; differentiable w.r.t. ``hidden``, ``weight`` and ``bias``
+        (twice differentiable: a ``create_graph=True`` backward uses a differentiable torch path).
+
+    Equivalent PyTorch (what :func:`sequence_logps_ref` computes)::
+
+        logp = torch.log_softmax((hidden @ weight.T + bias).float() / temperature, -1)
+        tok = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * (labels != ignore_index)
+        logps = tok.sum(-1)
+    """
+    flat = check_and_flatten(hidden, weight, labels, bias, temperature, seq_ids, cu_seqlens, num_seqs)
+    if not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes: expected a positive int, got {chunk_bytes!r}")
+    if not isinstance(keep_logits_bytes, int) or keep_logits_bytes < 0:
+        raise ValueError(f"keep_logits_bytes: expected an int >= 0, got {keep_logits_bytes!r}")
+    chosen = select_backend(backend, hidden.device, hidden.dtype)
+    valid = (flat.labels != ignore_index).nonzero().squeeze(1)
+    valid_labels = flat.labels.index_select(0, valid)
+    check_label_range(valid_labels, weight.shape[0], ignore_index)
+    opts = LogpsOptions(chosen, 1.0 / float(temperature), chunk_bytes, keep_logits_bytes)
+
+    token_logps = SequenceLogps.apply(flat.rows.index_select(0, valid), weight, bias, valid_labels, opts)
+    seq = flat.seq_of_row.index_select(0, valid)
+    logps = torch.zeros(flat.num_seqs, dtype=token_logps.dtype, device=hidden.device).index_add(0, seq, token_logps)
+    counts = torch.bincount(seq, minlength=flat.num_seqs)
+    per_token = None
+    if return_token_logps:
+        per_token = torch.zeros(flat.labels.shape[0], dtype=token_logps.dtype, device=hidden.device)
+        per_token = per_token.index_add(0, valid, token_logps).view(flat.token_shape)
+    return SequenceLogpsOutput(logps, counts, per_token)
