@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -27,6 +27,9 @@ class Backend:
     name: str
     row_forward: Callable
     block_backward_: Callable
+    # (h, weight, bias, labels, scale) -> (lse, target) without writing logits to memory, if the
+    # backend has one (Triton); the driver uses it whenever the forward need not keep logits.
+    fused_forward: Optional[Callable] = None
 
 
 def _load(name: str):
@@ -69,4 +72,4 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> Backe
 
 def _make(name: str) -> Backend:
     module, _ = _load(name)
-    return Backend(name, module.row_forward, module.block_backward_)
+    return Backend(name, module.row_forward, module.block_backward_, getattr(module, "fused_forward", None))

@@ -95,8 +95,13 @@ def _logits_into(out: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor])
     return torch.addmm(bias, h, weight.t(), out=out)
 
 
-def _forward(h, weight, bias, labels, opts: LogpsOptions, plan: _Plan):
+def _forward(h, weight, bias, labels, opts: LogpsOptions, plan: _Plan, needs_grad: bool):
     n, vocab = h.shape[0], weight.shape[0]
+    # The fused kernel's logits are never rounded to the input dtype; a backward recomputing them with
+    # a GEMM would then disagree with the saved lse (by ~64 at |logits| ~ 1e4 in bf16). Inference only.
+    if opts.backend.fused_forward is not None and not needs_grad and n > 0:
+        lse, target = opts.backend.fused_forward(h, weight, bias, labels, opts.scale)
+        return target - lse, lse, None
     lse = torch.empty(n, dtype=_acc_dtype(h.dtype), device=h.device)
     target = torch.empty_like(lse)
     kept = torch.empty(n, plan.kept_cols, dtype=h.dtype, device=h.device) if plan.kept_cols else None
@@ -199,7 +204,7 @@ class SequenceLogps(torch.autograd.Function):
     def forward(ctx, h, weight, bias, labels, opts: LogpsOptions):
         needs_grad = any(ctx.needs_input_grad[:3])
         plan = _plan(h.shape[0], weight.shape[0], h.element_size(), opts, keep=needs_grad)
-        token_logps, lse, kept = _forward(h, weight, bias, labels, opts, plan)
+        token_logps, lse, kept = _forward(h, weight, bias, labels, opts, plan, needs_grad)
         ctx.opts, ctx.plan, ctx.kept = opts, plan, kept
         ctx.save_for_backward(h, weight, bias, labels, lse)
         return token_logps
