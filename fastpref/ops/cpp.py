@@ -141,8 +141,7 @@ def _row_stride(t: torch.Tensor) -> int:
 # ------------------------------------------------------------------ custom ops
 
 
-@torch.library.custom_op("fastpref::cpp_row_forward", mutates_args=())
-def _cpp_row_forward(logits: torch.Tensor, labels: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _row_forward_impl(logits: torch.Tensor, labels: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     n, V, scale = _check_forward(logits, labels, scale)
     lse = torch.empty(n, dtype=torch.float32)
     target = torch.empty(n, dtype=torch.float32)
@@ -157,6 +156,9 @@ def _cpp_row_forward(logits: torch.Tensor, labels: torch.Tensor, scale: float) -
     return lse, target
 
 
+_cpp_row_forward = torch.library.custom_op("fastpref::cpp_row_forward", _row_forward_impl, mutates_args=())
+
+
 @_cpp_row_forward.register_fake
 def _cpp_row_forward_fake(logits, labels, scale):
     _check_forward(logits, labels, scale)
@@ -164,8 +166,7 @@ def _cpp_row_forward_fake(logits, labels, scale):
     return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastpref::cpp_block_backward_", mutates_args=("logits",))
-def _cpp_block_backward_(
+def _block_backward_impl(
     logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, scale: float, v_offset: int
 ) -> None:
     n, vb, scale = _check_backward(logits, labels, lse, grad, scale, v_offset)
@@ -175,6 +176,11 @@ def _cpp_block_backward_(
         logits.data_ptr(), _row_stride(logits), n, vb, _DTYPE_CODES[logits.dtype],
         labels.data_ptr(), lse.data_ptr(), grad.data_ptr(), scale, v_offset, torch.get_num_threads(),
     )
+
+
+_cpp_block_backward_ = torch.library.custom_op(
+    "fastpref::cpp_block_backward_", _block_backward_impl, mutates_args=("logits",)
+)
 
 
 @_cpp_block_backward_.register_fake
@@ -190,6 +196,8 @@ def row_forward(logits: torch.Tensor, labels: torch.Tensor, scale: float) -> Tup
 
     logits: [n, V] fp32/bf16 CPU, stride(1) == 1, stride(0) >= V; labels: int64 [n] in [0, V).
     """
+    if not torch.compiler.is_compiling():  # eager: skip the dispatcher (its first call imports dynamo, ~2 s)
+        return _row_forward_impl(logits, labels, _check_scale(scale))
     return torch.ops.fastpref.cpp_row_forward(logits, labels, _check_scale(scale))
 
 
@@ -201,4 +209,6 @@ def block_backward_(
     """
     if not isinstance(v_offset, (int, torch.SymInt)) and hasattr(v_offset, "__index__"):
         v_offset = operator.index(v_offset)  # numpy / 0-d integer scalars
+    if not torch.compiler.is_compiling():
+        return _block_backward_impl(logits, labels, lse, grad, _check_scale(scale), v_offset)
     torch.ops.fastpref.cpp_block_backward_(logits, labels, lse, grad, _check_scale(scale), v_offset)
