@@ -280,3 +280,50 @@ def test_bad_input_names_the_argument(mutate, error, match):
     if not {"chunk_bytes", "keep_logits_bytes"} & kw.keys():  # the reference has no chunking options
         with pytest.raises(error, match=match):
             sequence_logps_ref(h, w, y, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("backend", ["cpp", "torch", "triton"])
+def test_grad_filter_zero_is_exact(backend, dtype):
+    # eps = 0 keeps every column but still takes the filtered path (one-hot part added separately).
+    check_against_reference(backend, 2, 9, 21, 77, dtype, grad_filter_eps=0.0, chunk_bytes=SMALL_CHUNK)
+
+
+@pytest.mark.parametrize("tile_rows", [None, 16])
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_grad_filter_matches_its_definition(backend, tile_rows):
+    """Filtering drops the softmax part of dlogits in each (row tile, vocab column) whose
+    ``max_i |g_i| p_ij < eps`` and keeps the one-hot part exactly; normally one tile holds every row."""
+    B, T, H, V = 2, 24, 16, 600
+    hidden, weight, b, labels = make_inputs(B, T, H, V, torch.float64, 0.2, True, logit_scale=4.0)
+    g = torch.randn(B, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    valid = labels.reshape(-1) != -100
+    rows, y = hidden.reshape(-1, H)[valid], labels.reshape(-1)[valid]
+    seq = torch.arange(B).repeat_interleave(T)[valid]
+    p = torch.softmax(rows @ weight.t() + b, -1)
+    soft = -g[seq][:, None] * p
+    n = rows.shape[0]
+    tiles = [slice(r, min(n, r + (tile_rows or n))) for r in range(0, n, tile_rows or n)]
+    tile_max = torch.stack([soft[t].abs().amax(0) for t in tiles])  # [tiles, V]
+    # eps in the widest gap between maxima around the median, so no block sits on the threshold.
+    s = tile_max.reshape(-1).sort().values
+    lo, hi = s.numel() // 4, 3 * s.numel() // 4
+    k = int((s[lo + 1:hi] / s[lo:hi - 1]).argmax()) + lo
+    eps = float((s[k] * s[k + 1]).sqrt())
+    keep = torch.cat([tile_max[i].expand(t.stop - t.start, V) for i, t in enumerate(tiles)]) >= eps
+    assert 0.2 < keep.double().mean() < 0.8
+    d = soft * keep + g[seq][:, None] * torch.nn.functional.one_hot(y, V)
+
+    h = hidden.float().requires_grad_()
+    w = weight.float().requires_grad_()
+    chunk = (1 << 20) if tile_rows is None else 4 * 256 * tile_rows  # backward tiles of tile_rows rows
+    out = sequence_logps(h, w, labels, bias=b.float(), backend=backend, grad_filter_eps=eps, chunk_bytes=chunk)
+    gh, gw = torch.autograd.grad((out.logps * g.float()).sum(), [h, w])
+    assert torch.allclose(gw.double(), d.t() @ rows, atol=1e-5)
+    assert torch.allclose(gh.reshape(-1, H)[valid].double(), d @ weight, atol=1e-5)
+
+
+def test_grad_filter_bad_value():
+    h, w, y = _good()
+    with pytest.raises(ValueError, match="grad_filter_eps"):
+        sequence_logps(h, w, y, grad_filter_eps=-1.0)

@@ -17,7 +17,7 @@ Algorithm (shared by every backend; only the row pass differs):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ class LogpsOptions:
     scale: float  # 1 / temperature
     chunk_bytes: int
     keep_logits_bytes: int
+    grad_filter_eps: Optional[float] = None  # drop |softmax-gradient| < eps (whole vocab columns)
 
 
 @dataclass
@@ -138,10 +139,14 @@ def _backward(grad, h, weight, bias, labels, lse, kept, opts: LogpsOptions, plan
     tmp_h = None if f32 or not need_h else torch.empty(plan.bwd_rows, H, dtype=h.dtype, device=h.device)
     tmp_w = torch.empty(plan.block_cols, H, dtype=h.dtype, device=h.device) if acc_w else None
 
+    eps = opts.grad_filter_eps
+    # Gradient filtering drops softmax-gradient columns below eps; the one-hot part is then added
+    # exactly after the loop, so the kernel is given labels that match no column.
+    kernel_labels = labels if eps is None else torch.full_like(labels, -1)
     for r0 in range(0, n, plan.bwd_rows):
         r1 = min(n, r0 + plan.bwd_rows)
         rows = r1 - r0
-        h_r, labels_r, lse_r, grad_r = h[r0:r1], labels[r0:r1], lse[r0:r1], grad[r0:r1]
+        h_r, lse_r, grad_r = h[r0:r1], lse[r0:r1], grad[r0:r1]
         for v0 in range(0, vocab, plan.block_cols):
             v1 = min(vocab, v0 + plan.block_cols)
             w_blk = weight[v0:v1]
@@ -150,26 +155,52 @@ def _backward(grad, h, weight, bias, labels, lse, kept, opts: LogpsOptions, plan
             else:
                 blk = buf[: rows * (v1 - v0)].view(rows, v1 - v0)
                 _logits_into(blk, h_r, w_blk, None if bias is None else bias[v0:v1])
-            opts.backend.block_backward_(blk, labels_r, lse_r, grad_r, opts.scale, v0)
+            opts.backend.block_backward_(blk, kernel_labels[r0:r1], lse_r, grad_r, opts.scale, v0)
+            if need_b:
+                grad_b[v0:v1] += blk.sum(0, dtype=acc)
+            cols = None
+            if eps is not None:
+                lo, hi = torch.aminmax(blk, dim=0)
+                active = ((hi >= eps) | (lo <= -eps)).nonzero().squeeze(1)
+                if active.numel() == 0:
+                    continue
+                if active.numel() < (v1 - v0) * 3 // 4:  # sparse enough to pay for the gathers
+                    blk, w_blk, cols = blk.index_select(1, active), w_blk.index_select(0, active), active + v0
             if need_w:
-                if one_row_tile:
+                if cols is not None:
+                    grad_w.index_add_(0, cols, torch.mm(blk.t(), h_r).to(grad_w.dtype))
+                elif one_row_tile:
                     torch.mm(blk.t(), h_r, out=grad_w[v0:v1])
                 elif f32:
                     grad_w[v0:v1].addmm_(blk.t(), h_r)
                 else:
                     grad_w[v0:v1] += torch.mm(blk.t(), h_r, out=tmp_w[: v1 - v0])
-            if need_b:
-                grad_b[v0:v1] += blk.sum(0, dtype=acc)
             if need_h:
                 if f32:
                     grad_h[r0:r1].addmm_(blk, w_blk)
                 else:
                     grad_h[r0:r1] += torch.mm(blk, w_blk, out=tmp_h[:rows])
+    if eps is not None:
+        _add_target_term(grad_h, grad_w, grad_b, h, weight, labels, grad * opts.scale)
     return (
         None if grad_h is None else grad_h.to(h.dtype),
         None if grad_w is None else grad_w.to(weight.dtype),
         None if grad_b is None else grad_b.to(bias.dtype),
     )
+
+
+def _add_target_term(grad_h, grad_w, grad_b, h, weight, labels, gs):
+    """Add the one-hot part of dlogits, ``d[i, labels[i]] += gs[i]``: gathers and scatters, no GEMM."""
+    if grad_h is not None:
+        grad_h.add_(gs[:, None] * weight.index_select(0, labels).to(gs.dtype))
+    if grad_w is not None:
+        # Sum repeated labels in the accumulation dtype first: one rounding per row of grad_W.
+        uniq, inv = torch.unique(labels, return_inverse=True)
+        part = torch.zeros(uniq.numel(), h.shape[1], dtype=gs.dtype, device=h.device)
+        part.index_add_(0, inv, gs[:, None] * h.to(gs.dtype))
+        grad_w.index_add_(0, uniq, part.to(grad_w.dtype))
+    if grad_b is not None:
+        grad_b.index_add_(0, labels, gs)
 
 
 def _backward_differentiable(grad, h, weight, bias, labels, opts: LogpsOptions, plan: _Plan):
@@ -237,6 +268,7 @@ def sequence_logps(
     backend: str = "auto",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     keep_logits_bytes: int = 0,
+    grad_filter_eps: Union[None, float, str] = None,
 ) -> SequenceLogpsOutput:
     """Per-sequence sums of token log-probs, without materialising ``[B, T, V]`` logits.
 
@@ -255,6 +287,11 @@ def sequence_logps(
             or ``"torch"``.
         chunk_bytes: size of the one logits buffer (per chunk of rows / block of vocabulary).
         keep_logits_bytes: budget for keeping forward logits so the backward skips recomputing them.
+        grad_filter_eps: opt-in gradient filtering (as Cut Cross-Entropy does on GPU): in the backward,
+            vocabulary columns whose softmax gradient ``|g_i| * p_ij / temperature`` is below ``eps`` for
+            every row skip the two gradient GEMMs; the one-hot (target) part is always exact. ``"auto"``
+            is ``torch.finfo(dtype).eps / 32`` (CCE's choice). Approximate: peaked (real-model) softmax
+            loses little, flat softmax may lose much; see bench/RESULTS.md for measured errors.
 
     Returns:
         :class:`SequenceLogpsOutput`; differentiable w.r.t. ``hidden``, ``weight`` and ``bias``
@@ -275,7 +312,12 @@ def sequence_logps(
     valid = (flat.labels != ignore_index).nonzero().squeeze(1)
     valid_labels = flat.labels.index_select(0, valid)
     check_label_range(valid_labels, weight.shape[0], ignore_index)
-    opts = LogpsOptions(chosen, 1.0 / float(temperature), chunk_bytes, keep_logits_bytes)
+    if grad_filter_eps == "auto":
+        grad_filter_eps = torch.finfo(hidden.dtype).eps / 32
+    if grad_filter_eps is not None and not (isinstance(grad_filter_eps, (int, float)) and grad_filter_eps >= 0):
+        raise ValueError(f"grad_filter_eps: expected None, 'auto' or a number >= 0, got {grad_filter_eps!r}")
+    opts = LogpsOptions(chosen, 1.0 / float(temperature), chunk_bytes, keep_logits_bytes,
+                        None if grad_filter_eps is None else float(grad_filter_eps))
 
     token_logps = SequenceLogps.apply(flat.rows.index_select(0, valid), weight, bias, valid_labels, opts)
     seq = flat.seq_of_row.index_select(0, valid)
