@@ -1,0 +1,5 @@
+import sys
+
+from fastpref.cli import main
+
+sys.exit(main())

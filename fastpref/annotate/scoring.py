@@ -1,0 +1,379 @@
+"""Scoring primitives for annotation with a frozen causal LM (inference mode; no ``[B, T, V]`` logits).
+
+* :func:`restricted_logprobs`: next-token log-probs of a few candidate tokens, normalised over the
+  **full** vocabulary, holding one chunk of ``[rows, V]`` logits at a time (the fused op's row pass
+  computes each chunk's log-sum-exp).
+* :class:`ScoringModel`: a model + its tokenizer, with
+
+  - :meth:`~ScoringModel.sequence_logps`: ``log pi(y | x)`` (sum and token count) of many
+    (prompt ids, response ids) pairs, batched, through :class:`fastpref.hf.FusedCausalLM`;
+  - :meth:`~ScoringModel.candidate_logprobs`: ``log pi(c | prefix)`` for candidate *strings* ``c``
+    that may span several tokens (e.g. "10"): single-token candidates from one forward of the prefix
+    and :func:`restricted_logprobs`; a multi-token candidate is the sum of its conditionals
+    ``sum_k log pi(c_k | prefix, c_<k)``, computed by the fused op over its tokens;
+  - :meth:`~ScoringModel.generate`: greedy continuations (chain-of-thought rationales).
+
+Prompt and response are tokenised separately and concatenated, so the prompt boundary is exact for
+every tokenizer (the official CDR code finds it by token count, which a BOS mismatch can shift by one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from fastpref.annotate.jsonl import RecordError
+from fastpref.hf import FusedCausalLM
+from fastpref.ops.backends import select_backend
+from fastpref.ops.logps import DEFAULT_CHUNK_BYTES, sequence_logps
+
+IGNORE_INDEX = -100
+PromptLike = Union[str, List[dict]]
+
+
+def restricted_logprobs(hidden: Tensor, weight: Tensor, candidates, *, bias: Optional[Tensor] = None,
+                        temperature: float = 1.0, backend: str = "auto",
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
+    """Log-probs of candidate next tokens, normalised over the full vocabulary.
+
+    Args:
+        hidden: [N, H] final hidden states at the positions that predict the next token.
+        weight: [V, H] lm_head weight (same dtype as ``hidden``); bias: optional [V].
+        candidates: [C] token ids (int sequence or tensor), each in [0, V).
+        temperature: logits are divided by it (the model's head temperature, normally 1).
+        chunk_bytes: bound on the one ``[rows, V]`` logits buffer.
+
+    Returns:
+        [N, C] fp32 (fp64 for fp64 inputs): ``log_softmax((hidden @ weight.T + bias) / T, -1)[:, candidates]``.
+        Not differentiable (inference only).
+
+    Each chunk of rows computes its logits once; the backend's row pass reduces them to the fp32
+    log-sum-exp and the candidate columns are read from the same buffer, so the candidates and the
+    normaliser come from identical logits.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+    cand = torch.as_tensor(candidates, dtype=torch.long, device=hidden.device).reshape(-1)
+    vocab = weight.shape[0]
+    if cand.numel() == 0:
+        raise ValueError("candidates: expected at least one token id")
+    if bool(((cand < 0) | (cand >= vocab)).any()):
+        raise ValueError(f"candidates: token ids must lie in [0, {vocab}), got {cand.tolist()}")
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    n = hidden.shape[0]
+    out = torch.empty(n, cand.numel(), dtype=acc, device=hidden.device)
+    if n == 0:
+        return out
+    rowpass = select_backend(backend, hidden.device, hidden.dtype)
+    scale = 1.0 / float(temperature)
+    rows = max(1, min(n, chunk_bytes // (vocab * hidden.element_size())))
+    buf = torch.empty(rows * vocab, dtype=hidden.dtype, device=hidden.device)
+    any_label = cand[:1].expand(rows).contiguous()  # the row pass wants a target; only its lse is used
+    with torch.no_grad():
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            logits = buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
+            if bias is None:
+                torch.mm(hidden[r0:r1], weight.t(), out=logits)
+            else:
+                torch.addmm(bias.to(hidden.dtype), hidden[r0:r1], weight.t(), out=logits)
+            lse, _ = rowpass.row_forward(logits, any_label[: r1 - r0], scale)
+            out[r0:r1] = logits.index_select(1, cand).to(acc) * scale - lse.to(acc)[:, None]
+    return out
+
+
+def restricted_logprobs_ref(hidden: Tensor, weight: Tensor, candidates, *, bias: Optional[Tensor] = None,
+                            temperature: float = 1.0) -> Tensor:
+    """Reference for :func:`restricted_logprobs`: the full ``[N, V]`` log-softmax, then a gather."""
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    cand = torch.as_tensor(candidates, dtype=torch.long, device=hidden.device).reshape(-1)
+    return torch.log_softmax(logits.to(acc) / temperature, dim=-1)[:, cand]
+
+
+def move_trailing_space(text: str, candidates: Sequence[str]) -> Tuple[str, List[str]]:
+    """``("SCORE: ", ["1"])`` -> ``("SCORE:", [" 1"])``: byte-level BPE tokenizers attach a space to the
+    word after it, so a prompt ending in a space would end on a token the model rarely sees there."""
+    stripped = text.rstrip(" ")
+    space = text[len(stripped):]
+    return stripped, [space + c for c in candidates]
+
+
+@dataclass
+class SequenceScores:
+    """logps: [n] fp32 sums of response-token log-probs; counts: [n] int64 response tokens scored."""
+
+    logps: Tensor
+    counts: Tensor
+
+
+class ScoringModel:
+    """A frozen causal LM and its tokenizer, scoring in inference mode through the fused op.
+
+    Args:
+        model: any ``AutoModelForCausalLM`` whose logits are ``lm_head(last_hidden_state)`` (see
+            :class:`fastpref.hf.FusedCausalLM`); put in eval mode here.
+        tokenizer: its tokenizer (each model keeps its own).
+        batch_size: sequences per forward pass.
+        max_length: longest scored sequence; a longer prompt loses its start (at least one prompt token
+            is kept), a response that does not fit is a per-record error. None: the model's
+            ``max_position_embeddings`` (no limit if the config has none).
+        chat_template: ``"auto"`` (use the tokenizer's chat template when it has one), ``"on"`` or ``"off"``.
+        backend, chunk_bytes: passed to the fused op.
+    """
+
+    def __init__(self, model, tokenizer, *, name: Optional[str] = None, batch_size: int = 8,
+                 max_length: Optional[int] = None, chat_template: str = "auto", backend: str = "auto",
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if chat_template not in ("auto", "on", "off"):
+            raise ValueError(f"chat_template: expected auto, on or off, got {chat_template!r}")
+        has_template = getattr(tokenizer, "chat_template", None) is not None
+        if chat_template == "on" and not has_template:
+            raise ValueError(f"{name or 'model'}: chat_template='on' but the tokenizer has no chat template")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or type(model).__name__
+        self.batch_size = batch_size
+        self.max_length = max_length if max_length is not None else getattr(
+            getattr(model, "config", None), "max_position_embeddings", None)
+        self.backend = backend
+        self.fused = FusedCausalLM(model, backend=backend, chunk_bytes=chunk_bytes)
+        self.chunk_bytes = chunk_bytes
+        self.use_chat = chat_template == "on" or (chat_template == "auto" and has_template)
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+        self.bos_id = bos if adds_bos else None  # plain-text prompts get it the way the tokenizer would add it
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- text -> ids ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of ``text`` without special tokens."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def render(self, prompt: PromptLike) -> str:
+        """The prompt as the text the model is conditioned on, up to where the response starts.
+
+        Chat mode: the chat template with ``add_generation_prompt=True`` (a plain string is one user
+        turn). Plain mode: a string as is; messages as ``Role: content`` paragraphs ending in
+        ``Assistant:`` and a newline."""
+        if self.use_chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            try:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # noqa: BLE001 - templates raise anything (e.g. no system role)
+                raise RecordError(f"{self.name}: the chat template cannot render this prompt "
+                                  f"({type(exc).__name__}: {exc})") from None
+        if isinstance(prompt, str):
+            return prompt
+        parts = [f"{m['role'].capitalize()}: {m['content']}" for m in prompt]
+        return "\n\n".join(parts + ["Assistant:\n"])
+
+    def prompt_ids(self, text: str) -> List[int]:
+        """Ids of a rendered prompt: chat-rendered text carries its own special tokens; plain text gets
+        the BOS the tokenizer would add."""
+        ids = self.encode(text)
+        if not self.use_chat and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def fit(self, prompt: Sequence[int], response: Sequence[int]) -> List[int]:
+        """Check a (prompt, response) pair against ``max_length``; returns the (left-truncated) prompt.
+        Raises :class:`RecordError` when nothing can be scored."""
+        prompt = list(prompt)
+        if not response:
+            raise RecordError(f"{self.name}: empty response (no token to score)")
+        if not prompt:
+            raise RecordError(f"{self.name}: empty prompt and no BOS token: the first response token has no context")
+        if self.max_length is not None and len(prompt) + len(response) > self.max_length:
+            if len(response) >= self.max_length:
+                raise RecordError(f"{self.name}: response of {len(response)} tokens does not fit in "
+                                  f"max_length={self.max_length} with a prompt token")
+            prompt = prompt[len(prompt) + len(response) - self.max_length:]
+        return prompt
+
+    def check_prefix(self, prefix: Sequence[int], extra: int = 0) -> None:
+        """Raise :class:`RecordError` when ``prefix`` plus ``extra`` tokens exceed ``max_length`` (judge
+        prompts are never truncated: their start holds the instructions)."""
+        if self.max_length is not None and len(prefix) + extra > self.max_length:
+            raise RecordError(f"{self.name}: prompt of {len(prefix)} tokens (+{extra}) exceeds "
+                              f"max_length={self.max_length}")
+
+    # -- scoring ----------------------------------------------------------------------------------
+
+    def _order(self, lengths: Sequence[int]) -> List[List[int]]:
+        """Micro-batches of indices, longest first (less padding); deterministic for given lengths."""
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def _pad_right(self, seqs: Sequence[Sequence[int]], labels: Optional[Sequence[Sequence[int]]] = None):
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        lab = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, :len(s)] = 1
+            if labels is not None:
+                lab[i, :len(s)] = torch.tensor(labels[i], dtype=torch.long)
+        dev = self.device
+        return ids.to(dev), lab.to(dev), mask.to(dev)
+
+    @torch.inference_mode()
+    def sequence_logps(self, items: Sequence[Tuple[Sequence[int], Sequence[int]]]) -> SequenceScores:
+        """``log pi(response | prompt)`` for ``(prompt ids, response ids)`` pairs.
+
+        Returns :class:`SequenceScores` on the CPU: ``logps[i] = sum_t log pi(r_t | prompt, r_<t)`` over
+        the response tokens of item i (fp32), ``counts[i] = len(response)``. Equivalent to
+        ``log_softmax(model(prompt + response).logits)`` gathered at the response tokens, but the fused
+        op never builds the ``[B, T, V]`` logits."""
+        n = len(items)
+        logps = torch.zeros(n, dtype=torch.float32)
+        counts = torch.zeros(n, dtype=torch.long)
+        for batch in self._order([len(p) + len(r) for p, r in items]):
+            seqs = [list(items[i][0]) + list(items[i][1]) for i in batch]
+            labels = [[IGNORE_INDEX] * len(items[i][0]) + list(items[i][1]) for i in batch]
+            ids, lab, mask = self._pad_right(seqs, labels)
+            out = self.fused(ids, lab, mask)
+            logps[batch] = out.logps.float().cpu()
+            counts[batch] = out.counts.cpu()
+        return SequenceScores(logps, counts)
+
+    @torch.inference_mode()
+    def last_hidden(self, prefixes: Sequence[Sequence[int]]) -> Tensor:
+        """[n, H] final hidden state at the last token of each prefix (it predicts the next token)."""
+        out = None
+        for batch in self._order([len(p) for p in prefixes]):
+            seqs = [list(prefixes[i]) for i in batch]
+            ids, _, mask = self._pad_right(seqs)
+            hidden = self.fused.hidden_states(ids, mask)  # right padding: default positions are right
+            last = torch.tensor([len(s) - 1 for s in seqs], device=hidden.device)
+            rows = hidden[torch.arange(len(seqs), device=hidden.device), last]
+            if out is None:
+                out = rows.new_empty(len(prefixes), rows.shape[-1])
+            out[torch.tensor(batch, device=rows.device)] = rows
+        return out
+
+    def next_token_logprobs(self, prefixes: Sequence[Sequence[int]], token_ids: Sequence[int]) -> Tensor:
+        """[n, C] ``log pi(token | prefix)`` normalised over the full vocabulary (CPU, fp32)."""
+        weight, bias = self.fused.head()
+        hidden = self.last_hidden(prefixes)
+        with torch.inference_mode():
+            lp = restricted_logprobs(hidden, weight, token_ids, bias=bias, temperature=self.fused.temperature,
+                                     backend=self.backend, chunk_bytes=self.chunk_bytes)
+        return lp.float().cpu()
+
+    def candidate_logprobs(self, prefixes: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> Tensor:
+        """[n, C] ``log pi(candidate | prefix)`` for candidate token sequences (CPU, fp32).
+
+        The first token of every candidate comes from one forward of each prefix and
+        :func:`restricted_logprobs` (full-vocabulary normaliser). A longer candidate adds
+        ``sum_{k>=2} log pi(c_k | prefix, c_<k)`` (the product of the conditionals): its tokens run
+        through the model after the prefix's KV cache, repeated once per candidate, and the fused op
+        scores them. Without cache support (no ``position_ids`` / cache API), each ``prefix + candidate``
+        is scored from scratch instead (same values, more compute)."""
+        if any(len(c) == 0 for c in candidates):
+            raise ValueError("candidates: every candidate needs at least one token")
+        n, C = len(prefixes), len(candidates)
+        single = [j for j, c in enumerate(candidates) if len(c) == 1]
+        multi = [j for j, c in enumerate(candidates) if len(c) > 1]
+        out = torch.empty(n, C, dtype=torch.float32)
+        if not multi:
+            out[:] = self.next_token_logprobs(prefixes, [c[0] for c in candidates])
+            return out
+        if self._accepts_position_ids:
+            cached = self._candidates_cached(prefixes, candidates, multi)
+            if cached is not None:
+                return cached
+        if single:
+            out[:, single] = self.next_token_logprobs(prefixes, [candidates[j][0] for j in single])
+        items = [(prefixes[i], candidates[j]) for i in range(n) for j in multi]
+        out[:, multi] = self.sequence_logps(items).logps.view(n, len(multi))
+        return out
+
+    @property
+    def _accepts_position_ids(self) -> bool:
+        import inspect
+
+        params = inspect.signature(self.fused.backbone.forward).parameters
+        return "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    @torch.inference_mode()
+    def _candidates_cached(self, prefixes, candidates, multi) -> Optional[Tensor]:
+        """The KV-cache path of :meth:`candidate_logprobs`; None when the model returns no usable cache."""
+        weight, bias = self.fused.head()
+        first = [c[0] for c in candidates]
+        M, L = len(multi), max(len(candidates[j]) for j in multi) - 1
+        out = torch.empty(len(prefixes), len(candidates), dtype=torch.float32)
+        dev = self.device
+        for batch in self._order([len(p) for p in prefixes]):
+            seqs = [list(prefixes[i]) for i in batch]
+            b, T = len(seqs), max(len(s) for s in seqs)
+            ids = torch.full((b, T), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for k, s in enumerate(seqs):  # left padding: every prefix ends at column T-1
+                ids[k, T - len(s):] = torch.tensor(s, dtype=torch.long)
+                mask[k, T - len(s):] = 1
+            ids, mask = ids.to(dev), mask.to(dev)
+            res = self.fused.backbone(input_ids=ids, attention_mask=mask,
+                                      position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+            cache = getattr(res, "past_key_values", None)
+            if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+                return None
+            lp_first = restricted_logprobs(res.last_hidden_state[:, -1], weight, first, bias=bias,
+                                           temperature=self.fused.temperature, backend=self.backend,
+                                           chunk_bytes=self.chunk_bytes).float().cpu()
+            cache.batch_repeat_interleave(M)  # row k*M + m: prefix k followed by candidate multi[m]
+            cont = torch.full((b * M, L), self.pad_id, dtype=torch.long)
+            labels = torch.full((b * M, L), IGNORE_INDEX, dtype=torch.long)
+            cmask = torch.zeros((b * M, L), dtype=torch.long)
+            for k in range(b):
+                for m, j in enumerate(multi):
+                    toks = list(candidates[j])
+                    cont[k * M + m, :len(toks) - 1] = torch.tensor(toks[:-1])
+                    labels[k * M + m, :len(toks) - 1] = torch.tensor(toks[1:])  # hidden at c_i predicts c_{i+1}
+                    cmask[k * M + m, :len(toks) - 1] = 1
+            lengths = mask.sum(-1).repeat_interleave(M)
+            att = torch.cat([mask.repeat_interleave(M, dim=0), cmask.to(dev)], dim=1)
+            pos = lengths[:, None] + torch.arange(L, device=dev)
+            hidden = self.fused.backbone(input_ids=cont.to(dev), attention_mask=att, position_ids=pos,
+                                         past_key_values=cache, use_cache=True).last_hidden_state
+            rest = sequence_logps(hidden, weight, labels.to(dev), bias=bias, temperature=self.fused.temperature,
+                                  backend=self.backend, chunk_bytes=self.chunk_bytes).logps.float().cpu()
+            idx = torch.tensor(batch)
+            out[idx] = lp_first
+            out[idx[:, None], torch.tensor(multi)[None, :]] += rest.view(b, M)
+        return out
+
+    @torch.inference_mode()
+    def generate(self, prefixes: Sequence[Sequence[int]], max_new_tokens: int = 512) -> List[str]:
+        """Greedy (temperature 0) continuations of token-id prefixes, decoded without special tokens;
+        generation stops at the EOS token."""
+        texts: List[Optional[str]] = [None] * len(prefixes)
+        for batch in self._order([len(p) for p in prefixes]):
+            seqs = [list(prefixes[i]) for i in batch]
+            T = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for k, s in enumerate(seqs):  # left padding: new tokens follow every prompt directly
+                ids[k, T - len(s):] = torch.tensor(s, dtype=torch.long)
+                mask[k, T - len(s):] = 1
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                      pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+            for k, i in enumerate(batch):
+                texts[i] = self.tokenizer.decode(out[k, T:], skip_special_tokens=True)
+        return texts
