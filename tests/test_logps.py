@@ -137,9 +137,9 @@ def test_keep_logits_budget(backend, keep):
 
 def test_plan_partial_keep_is_partial():
     opts = LogpsOptions(select_backend("torch", torch.device("cpu"), torch.float32), 1.0, 4 * 256 * 16, 80 * 4 * 300)
-    plan = _plan(80, 1000, 4, opts, keep=True)
+    plan = _plan(80, 1000, 24, 4, opts, keep=True)
     assert 0 < plan.kept_cols < 1000 and plan.kept_cols % plan.block_cols == 0
-    assert _plan(80, 1000, 4, opts, keep=False).kept_cols == 0
+    assert _plan(80, 1000, 24, 4, opts, keep=False).kept_cols == 0
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])

@@ -28,6 +28,8 @@ from fastpref.ops.inputs import check_and_flatten, check_label_range
 DEFAULT_CHUNK_BYTES = 32 << 20
 _ROW_ALIGN = 16
 _MIN_BLOCK_COLS = 256
+_COL_ALIGN = 64
+_FWD_ROWS_WANTED = 512
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,19 @@ def _round_rows(rows: int, n: int) -> int:
     return rows if rows < _ROW_ALIGN or rows == n else rows - rows % _ROW_ALIGN
 
 
-def _plan(n: int, vocab: int, itemsize: int, opts: LogpsOptions, keep: bool) -> _Plan:
+def _plan(n: int, vocab: int, hidden: int, itemsize: int, opts: LogpsOptions, keep: bool) -> _Plan:
     budget = opts.chunk_bytes
-    fwd_rows = _round_rows(budget // (vocab * itemsize), n)
+    fwd_budget = budget
+    if keep:
+        # MKL runs [64, H] x [H, 128k] at a third of the rate of 512 rows. A forward buffer no larger than
+        # grad_W does not raise the step's peak: the forward ends before any gradient exists.
+        fwd_budget = max(budget, min(_FWD_ROWS_WANTED * vocab, vocab * hidden) * itemsize)
+    fwd_rows = _round_rows(fwd_budget // (vocab * itemsize), n)
     min_cols = min(vocab, _MIN_BLOCK_COLS)
     bwd_rows = _round_rows(budget // (min_cols * itemsize), n)
     block_cols = max(min_cols, min(vocab, budget // (bwd_rows * itemsize)))
+    if block_cols < vocab:
+        block_cols -= block_cols % _COL_ALIGN  # odd GEMM widths cost MKL up to 50 % in fp32
     kept_cols = 0
     if keep and opts.keep_logits_bytes > 0:
         fit = opts.keep_logits_bytes // (n * itemsize)
@@ -133,7 +142,9 @@ def _backward(grad, h, weight, bias, labels, lse, kept, opts: LogpsOptions, plan
     acc_w = need_w and not one_row_tile and not f32
     grad_w = None
     if need_w:
-        grad_w = torch.zeros(vocab, H, dtype=acc if acc_w else h.dtype, device=h.device)
+        # With one row tile and no filtering every block is written once by mm(out=): no fill needed.
+        alloc = torch.empty if one_row_tile and opts.grad_filter_eps is None and n > 0 else torch.zeros
+        grad_w = alloc(vocab, H, dtype=acc if acc_w else h.dtype, device=h.device)
     grad_b = torch.zeros(vocab, dtype=acc, device=h.device) if need_b else None
     buf = torch.empty(plan.bwd_rows * plan.block_cols, dtype=h.dtype, device=h.device)
     tmp_h = None if f32 or not need_h else torch.empty(plan.bwd_rows, H, dtype=h.dtype, device=h.device)
@@ -234,7 +245,7 @@ class SequenceLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, opts: LogpsOptions):
         needs_grad = any(ctx.needs_input_grad[:3])
-        plan = _plan(h.shape[0], weight.shape[0], h.element_size(), opts, keep=needs_grad)
+        plan = _plan(h.shape[0], weight.shape[0], h.shape[1], h.element_size(), opts, keep=needs_grad)
         token_logps, lse, kept = _forward(h, weight, bias, labels, opts, plan, needs_grad)
         ctx.opts, ctx.plan, ctx.kept = opts, plan, kept
         ctx.save_for_backward(h, weight, bias, labels, lse)
@@ -319,7 +330,9 @@ def sequence_logps(
     opts = LogpsOptions(chosen, 1.0 / float(temperature), chunk_bytes, keep_logits_bytes,
                         None if grad_filter_eps is None else float(grad_filter_eps))
 
-    token_logps = SequenceLogps.apply(flat.rows.index_select(0, valid), weight, bias, valid_labels, opts)
+    # Compaction copies rows (and scatters their gradient back): skip it when nothing is ignored.
+    rows = flat.rows if valid.numel() == flat.rows.shape[0] else flat.rows.index_select(0, valid)
+    token_logps = SequenceLogps.apply(rows, weight, bias, valid_labels, opts)
     seq = flat.seq_of_row.index_select(0, valid)
     logps = torch.zeros(flat.num_seqs, dtype=token_logps.dtype, device=hidden.device).index_add(0, seq, token_logps)
     counts = torch.bincount(seq, minlength=flat.num_seqs)
