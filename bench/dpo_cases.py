@@ -253,8 +253,14 @@ def make_dpo_step(contender: str, mode: str = "eager", preset: str = "h1024-v32k
                             "warmup_s": time.perf_counter() - t0, "compiles_in_warmup": _compile_count()}
     compiles_before = _compile_count()
 
+    info["cpu_times"] = []
+
     def step() -> None:
+        c0 = time.process_time()
         loss, _, _ = run_dpo(fn, inputs)
+        # CPU seconds of this process (all threads): less sensitive than wall time to other work on a
+        # shared machine (though spin-waiting threads count too).
+        info["cpu_times"].append(time.process_time() - c0)
         info["loss"] = float(loss)
         info["compiles_during_steps"] = _compile_count() - compiles_before
 

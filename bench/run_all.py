@@ -37,20 +37,19 @@ FLOOR_RATIO = 1.15
 def plan(quick: bool) -> List[Dict[str, Any]]:
     """The case list: preset (or "smollm2"), dtype, prompt fraction, methods, and timed repeats after the
     measured run: ``repeats`` for fastpref's cpp rows, ``other_repeats`` for the rest (to fit the time)."""
-    out = []
-    for preset, repeats in (("h1024-v32k", 2), ("h1024-v128k", 1)):
-        if quick and preset == "h1024-v128k":
-            continue
-        for dtype in ("fp32", "bf16"):
-            for pf in (0.0, 0.5):
-                out.append(dict(preset=preset, dtype=dtype, prompt_frac=pf, methods=ALL_METHODS, repeats=repeats,
-                                other_repeats=repeats - 1))
+    def grid(preset, repeats):
+        return [dict(preset=preset, dtype=dtype, prompt_frac=pf, methods=ALL_METHODS, repeats=repeats,
+                     other_repeats=repeats - 1) for dtype in ("fp32", "bf16") for pf in (0.0, 0.5)]
+
+    out = grid("h1024-v32k", 2)
     for dtype in ("fp32", "bf16"):
         out.append(dict(preset="cce-ref", dtype=dtype, prompt_frac=0.18, methods=["cpp", "cpp-keep", "naive", "cce"],
                         repeats=2, other_repeats=1))
     for dtype in ("fp32", "bf16"):
         out.append(dict(preset="smollm2", dtype=dtype, prompt_frac=0.2, methods=ALL_METHODS, repeats=2,
                         other_repeats=1))
+    if not quick:  # the slow ones last: results.json is written after every case
+        out += grid("h1024-v128k", 1)
     return out
 
 
@@ -76,7 +75,7 @@ def run_case(c: Dict[str, Any], args, smol: Optional[Dict[str, Any]]) -> Dict[st
         n_valid = (n_tokens // seq_len) * (seq_len - round(c["prompt_frac"] * seq_len))
         factory = "bench.cases:make_step"
         base_kw = {"preset": c["preset"], "dtype": c["dtype"], "prompt_frac": c["prompt_frac"]}
-    res: Dict[str, Any] = dict(c, name=case_name(c), n_tokens=n_tokens, n_valid=n_valid, hidden=shape.hidden,
+    res: Dict[str, Any] = dict(c, name=case_name(c), date=time.strftime("%Y-%m-%d %H:%M %Z"), n_tokens=n_tokens, n_valid=n_valid, hidden=shape.hidden,
                                vocab=shape.vocab, grad_mib=shape.grad_bytes(c["dtype"]) / MIB, rows={})
     t0 = time.time()
     res["floor"] = call_in_subprocess("bench.cases:floor", dict(n_rows=n_valid, hidden=shape.hidden,
@@ -249,8 +248,9 @@ def render(data: Dict[str, Any]) -> str:
                 f"{s['mean_max_prob']:.2f}, top-1 accuracy {s['top1_accuracy']:.2f}, mean token log-prob "
                 f"{s['mean_token_logp']:.2f}.", ""]
     for res in data["results"]:
+        when = f"measured {res['date']}; " if res.get("date") and res["date"] != info["date"] else ""
         out += [f"## {res['name']}", "",
-                f"N = {res['n_tokens']} tokens ({res['n_valid']} scored), H = {res['hidden']}, V = {res['vocab']}; "
+                f"{when}N = {res['n_tokens']} tokens ({res['n_valid']} scored), H = {res['hidden']}, V = {res['vocab']}; "
                 f"gradients alone are {res['grad_mib']:.0f} MiB"
                 + (f"; errors on {res['error_tokens'][0]} tokens ({res['error_tokens'][1]} scored), where the "
                    f"largest |values| are: logp {res['scale']['logps']:.3g}, grad_h {res['scale']['grad_h']:.3g}, "
@@ -265,6 +265,9 @@ def render(data: Dict[str, Any]) -> str:
             f"{FLOOR_RATIO}x the GEMM floor of the mode used (4 GEMMs default, 3 keep-logits); faster than naive "
             "everywhere, >= 2x in bf16; CCE's time at <= half its peak memory.", ""]
     out += targets(data["results"])
+    notes = Path(__file__).with_name("NOTES.md")
+    if notes.exists():
+        out += ["", notes.read_text().strip()]
     if data.get("notes"):
         out += ["", "## Notes", "", *data["notes"]]
     return "\n".join(out) + "\n"
@@ -280,6 +283,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--json", default=str(HERE / "results.json"))
     p.add_argument("--render", action="store_true", help="only re-render --out from --json")
+    p.add_argument("--append", action="store_true",
+                   help="keep the cases already in --json (those run again are replaced) and add to them")
     args = p.parse_args(argv)
     if args.render:
         data = json.loads(Path(args.json).read_text())
@@ -311,14 +316,21 @@ def main(argv=None) -> int:
                                       timeout=args.timeout)
             print(f"SmolLM2 hidden states ready ({time.time() - t0:.0f} s): {smol}", flush=True)
     results = []
+    earlier_s = 0.0
+    if args.append and Path(args.json).exists():
+        old = json.loads(Path(args.json).read_text())
+        names = {case_name(c) for c in todo}
+        results += [r for r in old["results"] if r["name"] not in names]
+        earlier_s = old.get("wall_s", 0.0)
+        smol = smol or old.get("smollm2")
     data = {"machine": info, "argv": " ".join(argv if argv is not None else sys.argv[1:]), "smollm2": smol,
             "results": results}
     for i, c in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] {case_name(c)} ({(time.time() - start) / 60:.1f} min elapsed)", flush=True)
         results.append(run_case(c, args, smol))
-        data["wall_s"] = time.time() - start
+        data["wall_s"] = earlier_s + time.time() - start
         Path(args.json).write_text(json.dumps(data, indent=1))  # partial results survive an interrupt
-    data["wall_s"] = time.time() - start
+    data["wall_s"] = earlier_s + time.time() - start
     info["load_end"] = f"{os.getloadavg()[0]:.2f}"
     Path(args.json).write_text(json.dumps(data, indent=1))
     Path(args.out).write_text(render(data))

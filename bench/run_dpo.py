@@ -211,11 +211,12 @@ def case_table(res: Dict[str, Any]) -> str:
     base = res["rows"].get("fastpref/eager", {})
     t_base = _stats(base)[0] if "times" in base else None
     m_base = base.get("peak_mib") if "times" in base else None
+    c_base = _median(base["info"]["cpu_times"]) if "times" in base and base.get("info", {}).get("cpu_times") else None
     rows = []
     for key, r in res["rows"].items():
         contender, mode = key.split("/")
         if "times" not in r:
-            rows.append([LABELS[contender], mode, "skipped" if "skipped" in r else "FAILED", "-", "-", "-", "-", "-"])
+            rows.append([LABELS[contender], mode, "skipped" if "skipped" in r else "FAILED"] + ["-"] * 6)
             continue
         med, spread = _stats(r)
         info = r.get("info", {})
@@ -224,36 +225,45 @@ def case_table(res: Dict[str, Any]) -> str:
             LABELS[contender], mode + (f" ({recompiled} recompiles timed)" if recompiled else ""),
             f"{med:.2f} ± {spread:.2f}" if len(r["times"]) > 1 else f"{med:.2f} (1 run)",
             f"{med / t_base:.2f}x" if t_base else "-",
-            f"{res['n_tokens'] / med:,.0f}", f"{r['peak_mib']:,.0f}",
+            f"{_median(info['cpu_times']):.2f}" if info.get("cpu_times") else "-",
+            f"{_median(info['cpu_times']) / c_base:.2f}x" if c_base and info.get("cpu_times") else "-",
+            f"{r['peak_mib']:,.0f}",
             f"{r['peak_mib'] / m_base:.2f}x" if m_base else "-", f"{info.get('loss', float('nan')):.6f}",
         ])
-    return format_table(["contender", "mode", "time (s)", "time / fastpref", "tokens/s", "peak extra MiB",
-                         "peak / fastpref", "loss"], rows)
+    return format_table(["contender", "mode", "time (s)", "time / fastpref", "CPU s", "CPU / fastpref",
+                         "peak extra MiB", "peak / fastpref", "loss"], rows)
+
+
+def _cpu(row) -> float:
+    ts = row.get("info", {}).get("cpu_times")
+    return _median(ts) if ts else float("nan")
 
 
 def summary(results: List[Dict[str, Any]]) -> List[str]:
-    """Per case: the fastest and the leanest row, and where fastpref (best of its modes) lands."""
+    """Per case: the fastest and the leanest row, and where fastpref (best of its modes) lands against
+    the best of the others (ratio above 1: fastpref wins)."""
     rows = []
     for res in results:
         timed = {k: r for k, r in res["rows"].items() if "times" in r}
         if not timed:
             continue
         fastest = min(timed, key=lambda k: _stats(timed[k])[0])
+        fastest_cpu = min(timed, key=lambda k: _cpu(timed[k]))
         leanest = min(timed, key=lambda k: timed[k]["peak_mib"])
         fp = {k: r for k, r in timed.items() if k.startswith("fastpref/")}
         others = {k: r for k, r in timed.items() if not k.startswith("fastpref/")}
         if fp and others:
-            fp_t = min(_stats(r)[0] for r in fp.values())
-            fp_m = min(r["peak_mib"] for r in fp.values())
-            best_other_t = min(others, key=lambda k: _stats(others[k])[0])
-            best_other_m = min(others, key=lambda k: others[k]["peak_mib"])
-            speed = f"{_stats(others[best_other_t])[0] / fp_t:.2f}x ({best_other_t})"
-            lean = f"{others[best_other_m]['peak_mib'] / fp_m:.1f}x ({best_other_m})"
+            cols = []
+            for metric, fmt in ((lambda r: _stats(r)[0], "{:.2f}x"), (_cpu, "{:.2f}x"),
+                                (lambda r: r["peak_mib"], "{:.1f}x")):
+                mine = min(metric(r) for r in fp.values())
+                best = min(others, key=lambda k: metric(others[k]))
+                cols.append(f"{fmt.format(metric(others[best]) / mine)} ({best})")
         else:
-            speed = lean = "-"
-        rows.append([res["name"], fastest, leanest, speed, lean])
-    return format_table(["case", "fastest", "leanest", "best other's time / fastpref's",
-                         "leanest other's peak / fastpref's"], rows).splitlines()
+            cols = ["-"] * 3
+        rows.append([res["name"], fastest, fastest_cpu, leanest, *cols])
+    return format_table(["case", "fastest (wall)", "fastest (CPU)", "leanest", "best other's wall / fastpref's",
+                         "best other's CPU / fastpref's", "leanest other's peak / fastpref's"], rows).splitlines()
 
 
 def verify_table(checks: List[Dict[str, Any]]) -> str:
@@ -290,9 +300,11 @@ def render(data: Dict[str, Any]) -> str:
         "reuses the dynamic-shape graph; a row says so if anything was compiled during the timed steps), then "
         "**peak extra MiB** = peak resident memory of the first step over the inputs (VmHWM − VmRSS after "
         "`malloc_trim`; includes the returned gradients) and **time** = median ± half-range of that step and "
-        "the `repeats` that follow. Contenders of a case run back to back in one run of the script, so the "
-        "ratios (**/ fastpref** = row ÷ fastpref eager: above 1 is slower / bigger) are side by side. "
-        "tokens/s counts all N tokens, prompt rows included.",
+        "the `repeats` that follow; **CPU s** = median CPU seconds of the process per step (user + system, "
+        "both threads: about 2x the wall time on an idle 2-core machine; less distorted than wall time when "
+        "other work shares the cores, though spin-waiting threads count too). Contenders of a case run back "
+        "to back in one run of the script, so the ratios (**/ fastpref** = row ÷ fastpref eager: above 1 is "
+        "slower / bigger) are side by side.",
         "",
         "Contenders: **fastpref** = `FusedPreferenceLoss(\"sigmoid\", beta=0.1)(hidden, weight, labels, "
         "ref_logps=...)` (chunked fused log-probs, logits never materialised; `backend=\"auto\"` = cpp); "
@@ -359,7 +371,7 @@ def main(argv=None) -> int:
                    help="timed steps after the measured one (default 1, 0 for V > 64k)")
     p.add_argument("--all-rows", action="store_true",
                    help=f"also run {', '.join(sorted(BIG_VOCAB_SKIP))} at V > {BIG_VOCAB}")
-    p.add_argument("--verify-tokens", type=int, default=1024, help="tokens of the agreement batch (0 skips)")
+    p.add_argument("--verify-tokens", type=int, default=512, help="tokens of the agreement batch (0 skips)")
     p.add_argument("--skip-probe", action="store_true", help="skip the torch.compile recompilation probe")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per subprocess")
     p.add_argument("--out", default=str(HERE / "RESULTS_DPO.md"))
