@@ -216,7 +216,7 @@ def render(data: Dict[str, Any]) -> str:
         f"Measured {info['date']} on **{info['cpu']}** ({info['cores']} cores, {info['torch_threads']} torch threads; "
         f"{info['cpu_flags']}), Python {info['python']}, torch {info['torch']}, fastpref {info['fastpref']}. "
         f"`python bench/run_all.py{' ' + data['argv'] if data.get('argv') else ''}` took "
-        f"{data['wall_s'] / 60:.1f} min"
+        f"{data['wall_s'] / 60:.1f} min{' together with the earlier runs it appended to' if data.get('appended') else ''}"
         + (f" (1-minute load average {info['load_start']} at the start, {info['load_end']} at the end; "
            f"{info['cores']} cores)" if "load_end" in info else "") + ".",
         "",
@@ -323,8 +323,11 @@ def main(argv=None) -> int:
         results += [r for r in old["results"] if r["name"] not in names]
         earlier_s = old.get("wall_s", 0.0)
         smol = smol or old.get("smollm2")
+        data_appended = bool(results)
+    else:
+        data_appended = False
     data = {"machine": info, "argv": " ".join(argv if argv is not None else sys.argv[1:]), "smollm2": smol,
-            "results": results}
+            "results": results, "appended": data_appended}
     for i, c in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] {case_name(c)} ({(time.time() - start) / 60:.1f} min elapsed)", flush=True)
         results.append(run_case(c, args, smol))
