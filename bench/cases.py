@@ -28,7 +28,6 @@ import torch
 
 from fastpref.compare import (
     DTYPES,
-    IGNORE_INDEX,
     StepInputs,
     errors_vs_fp64,
     gemm_floor,
@@ -36,6 +35,7 @@ from fastpref.compare import (
     method_available,
     step_from_inputs,
 )
+from fastpref.ops.constants import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 KEEP_ALL = 1 << 40  # keep_logits_bytes that keeps every logit of any benchmark shape
@@ -195,7 +195,7 @@ def build_smollm2_batch(n_seqs: int = 4, seq_len: int = 512, prompt_frac: float 
     first ``prompt_frac`` of each window ignored) to a file. Returns its path and a few statistics."""
     path = smollm2_cache_path(n_seqs, seq_len, prompt_frac)
     if path.exists():
-        meta = torch.load(path)["meta"]
+        meta = torch.load(path, weights_only=True)["meta"]  # a cache file: never unpickle code
         return dict(meta, path=str(path))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -233,7 +233,7 @@ def build_smollm2_batch(n_seqs: int = 4, seq_len: int = 512, prompt_frac: float 
 
 
 def smollm2_inputs(path: str, dtype: str = "fp32") -> StepInputs:
-    data = torch.load(path)
+    data = torch.load(path, weights_only=True)
     dt = DTYPES[dtype]
     return StepInputs(data["hidden"].to(dt), data["weight"].to(dt), data["labels"], data["upstream"])
 

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastpref.compare import DTYPES, IGNORE_INDEX, make_inputs
+from fastpref.compare import DTYPES, make_inputs
+from fastpref.ops.constants import IGNORE_INDEX
 
 BETA = 0.1
 CONTENDERS = ("fastpref", "naive", "liger")

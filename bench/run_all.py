@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 
 from bench import cases  # noqa: E402
 from fastpref.compare import format_table  # noqa: E402
-from fastpref.profiling import MIB, call_in_subprocess, machine_info, peak_memory_in_subprocess  # noqa: E402
+from fastpref.profiling import MIB, Timing, call_in_subprocess, machine_info, peak_memory_in_subprocess  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ALL_METHODS = ["cpp", "cpp-keep", "torch", "naive", "cce"]
@@ -126,28 +126,18 @@ LABELS = {"cpp": "fastpref cpp", "cpp-keep": "fastpref cpp keep-logits", "torch"
           "naive": "naive (full logits)", "cce": "CCE torch_compile"}
 
 
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
-def _stats(row):
-    ts = row["times"]
-    return _median(ts), (max(ts) - min(ts)) / 2
-
-
 def case_table(res: Dict[str, Any]) -> str:
     f = res["floor"]
     naive = res["rows"].get("naive", {})
-    t_naive = _stats(naive)[0] if "times" in naive else None
+    t_naive = Timing(naive["times"]).median if "times" in naive else None
     rows = []
     for m in res["methods"]:
         r = res["rows"].get(m, {})
         if "times" not in r:
             rows.append([LABELS[m], "skipped" if "skipped" in r else "FAILED"] + ["-"] * 8)
             continue
-        med, spread = _stats(r)
+        timing = Timing(r["times"])
+        med, spread = timing.median, timing.spread
         e = r.get("errors", {})
         rows.append([
             LABELS[m], f"{med:.3f} ± {spread:.3f} ({len(r['times'])})", f"{res['n_tokens'] / med:,.0f}",
@@ -175,32 +165,32 @@ def targets(results: List[Dict[str, Any]]) -> List[str]:
         cpp, keep, naive, cce = (rows.get(k, {}) for k in ("cpp", "cpp-keep", "naive", "cce"))
         if "times" not in cpp:
             continue
-        t_cpp = _stats(cpp)[0]
+        t_cpp = Timing(cpp["times"]).median
         limit = res["grad_mib"] + MEM_SLACK_MIB
         lines.append(f"- {name}: memory (default mode) {cpp['peak_mib']:.0f} MiB vs gradients + 64 = "
                      f"{limit:.0f} MiB: {mark(cpp['peak_mib'] <= limit)}")
         lines.append(f"- {name}: time (default mode) {t_cpp / f['floor4']:.2f}x the 4-GEMM floor (target <= "
                      f"{FLOOR_RATIO}): {mark(t_cpp <= FLOOR_RATIO * f['floor4'])}")
         if "times" in keep:
-            t_keep = _stats(keep)[0]
+            t_keep = Timing(keep["times"]).median
             lines.append(f"- {name}: time (keep-logits) {t_keep / f['floor3']:.2f}x the 3-GEMM floor (target <= "
                          f"{FLOOR_RATIO}): {mark(t_keep <= FLOOR_RATIO * f['floor3'])}")
         if "times" in naive:
-            sp = _stats(naive)[0] / t_cpp
+            sp = Timing(naive["times"]).median / t_cpp
             need = 2.0 if res["dtype"] == "bf16" else 1.0
             op = ">=" if need > 1 else ">"
             ok = sp >= need if need > 1 else sp > 1
             best = sp
             if "times" in keep:
-                best = max(sp, _stats(naive)[0] / _stats(keep)[0])
+                best = max(sp, Timing(naive["times"]).median / Timing(keep["times"]).median)
             lines.append(f"- {name}: speed-up vs naive {sp:.2f}x default, {best:.2f}x best mode (target {op} "
                          f"{need:g}x): {mark(ok)}")
         if "times" in cce:
-            t_cce = _stats(cce)[0]
+            t_cce = Timing(cce["times"]).median
             for label, r in (("default", cpp), ("keep-logits", keep)):
                 if "times" not in r:
                     continue
-                t = _stats(r)[0]
+                t = Timing(r["times"]).median
                 ok = t <= t_cce and r["peak_mib"] <= cce["peak_mib"] / 2
                 lines.append(f"- {name}: vs CCE ({label}) time {t / t_cce:.2f}x CCE's, peak {r['peak_mib']:.0f} vs "
                              f"{cce['peak_mib']:.0f} MiB = {r['peak_mib'] / max(cce['peak_mib'], 1e-9):.2f}x "

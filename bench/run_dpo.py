@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
 
 from bench import dpo_cases  # noqa: E402
 from fastpref.compare import DTYPES, format_table  # noqa: E402
-from fastpref.profiling import MIB, call_in_subprocess, machine_info, peak_memory_in_subprocess  # noqa: E402
+from fastpref.profiling import MIB, Timing, call_in_subprocess, machine_info, peak_memory_in_subprocess  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROWS = [(c, m) for c in dpo_cases.CONTENDERS for m in dpo_cases.MODES]
@@ -191,17 +191,6 @@ def run_case(c: Dict[str, Any], args) -> Dict[str, Any]:
 # Rendering
 
 
-def _median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
-def _stats(row):
-    ts = row["times"]
-    return _median(ts), (max(ts) - min(ts)) / 2
-
-
 def grad_mib(res: Dict[str, Any]) -> float:
     """grad_hidden [N, H] + grad_weight [V, H] in the input dtype: the floor of any step's peak."""
     return (res["n_tokens"] + res["vocab"]) * res["hidden"] * DTYPES[res["dtype"]].itemsize / MIB
@@ -209,24 +198,25 @@ def grad_mib(res: Dict[str, Any]) -> float:
 
 def case_table(res: Dict[str, Any]) -> str:
     base = res["rows"].get("fastpref/eager", {})
-    t_base = _stats(base)[0] if "times" in base else None
+    t_base = Timing(base["times"]).median if "times" in base else None
     m_base = base.get("peak_mib") if "times" in base else None
-    c_base = _median(base["info"]["cpu_times"]) if "times" in base and base.get("info", {}).get("cpu_times") else None
+    c_base = Timing(base["info"]["cpu_times"]).median if "times" in base and base.get("info", {}).get("cpu_times") else None
     rows = []
     for key, r in res["rows"].items():
         contender, mode = key.split("/")
         if "times" not in r:
             rows.append([LABELS[contender], mode, "skipped" if "skipped" in r else "FAILED"] + ["-"] * 6)
             continue
-        med, spread = _stats(r)
+        timing = Timing(r["times"])
+        med, spread = timing.median, timing.spread
         info = r.get("info", {})
         recompiled = info.get("compiles_during_steps", 0)
         rows.append([
             LABELS[contender], mode + (f" ({recompiled} recompiles timed)" if recompiled else ""),
             f"{med:.2f} ± {spread:.2f}" if len(r["times"]) > 1 else f"{med:.2f} (1 run)",
             f"{med / t_base:.2f}x" if t_base else "-",
-            f"{_median(info['cpu_times']):.2f}" if info.get("cpu_times") else "-",
-            f"{_median(info['cpu_times']) / c_base:.2f}x" if c_base and info.get("cpu_times") else "-",
+            f"{Timing(info['cpu_times']).median:.2f}" if info.get("cpu_times") else "-",
+            f"{Timing(info['cpu_times']).median / c_base:.2f}x" if c_base and info.get("cpu_times") else "-",
             f"{r['peak_mib']:,.0f}",
             f"{r['peak_mib'] / m_base:.2f}x" if m_base else "-", f"{info.get('loss', float('nan')):.6f}",
         ])
@@ -236,7 +226,7 @@ def case_table(res: Dict[str, Any]) -> str:
 
 def _cpu(row) -> float:
     ts = row.get("info", {}).get("cpu_times")
-    return _median(ts) if ts else float("nan")
+    return Timing(ts).median if ts else float("nan")
 
 
 def summary(results: List[Dict[str, Any]]) -> List[str]:
@@ -247,14 +237,14 @@ def summary(results: List[Dict[str, Any]]) -> List[str]:
         timed = {k: r for k, r in res["rows"].items() if "times" in r}
         if not timed:
             continue
-        fastest = min(timed, key=lambda k: _stats(timed[k])[0])
+        fastest = min(timed, key=lambda k: Timing(timed[k]["times"]).median)
         fastest_cpu = min(timed, key=lambda k: _cpu(timed[k]))
         leanest = min(timed, key=lambda k: timed[k]["peak_mib"])
         fp = {k: r for k, r in timed.items() if k.startswith("fastpref/")}
         others = {k: r for k, r in timed.items() if not k.startswith("fastpref/")}
         if fp and others:
             cols = []
-            for metric, fmt in ((lambda r: _stats(r)[0], "{:.2f}x"), (_cpu, "{:.2f}x"),
+            for metric, fmt in ((lambda r: Timing(r["times"]).median, "{:.2f}x"), (_cpu, "{:.2f}x"),
                                 (lambda r: r["peak_mib"], "{:.1f}x")):
                 mine = min(metric(r) for r in fp.values())
                 best = min(others, key=lambda k: metric(others[k]))

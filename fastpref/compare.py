@@ -24,11 +24,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from fastpref.ops.constants import IGNORE_INDEX
 from fastpref.profiling import MIB, Timing, call_in_subprocess, machine_info, peak_memory_in_subprocess
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 METHODS = ("fused", "cpp", "torch", "naive", "cce")
-IGNORE_INDEX = -100
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -60,13 +60,12 @@ def _mib(n: Optional[float]) -> str:
     return "n/a" if n is None else f"{n / (1 << 20):,.0f} MiB"
 
 
-def _variant(setup_path: str, name: str, out_path: str) -> None:
-    """Child process body: load the pickled model and data, train with ``logps=name``, evaluate, write
-    the results as JSON. A fresh process per variant makes the peak-memory comparison fair."""
-    import json
-
-    from fastpref.train import (Trainer, TrainConfig, current_memory, peak_memory, quiet_known_warnings,
-                                reset_peak_memory)
+def _variant(setup_path: str, name: str) -> Dict:
+    """Child process body: load the pickled model and data, train with ``logps=name``, evaluate, return
+    the results (JSON-able). A fresh process per variant makes the peak-memory comparison fair."""
+    from fastpref.models import quiet_known_warnings
+    from fastpref.profiling import current_memory, peak_memory, reset_peak_memory
+    from fastpref.train import Trainer, TrainConfig
 
     from transformers import AutoModelForCausalLM
 
@@ -95,24 +94,14 @@ def _variant(setup_path: str, name: str, out_path: str) -> None:
     result = {"losses": [r["loss"] for r in history], "time": elapsed, "tokens_per_s": tokens_per_s,
               "peak_extra": None if peak is None or start is None else max(0, peak - start),
               "start": start, "after": after}
-    with open(out_path, "w") as f:
-        json.dump(result, f)
+    return result
 
 
 def run_variant(name: str, setup_path: str) -> Dict:
     """Run :func:`_variant` in a fresh Python process (its progress bar goes to this terminal)."""
-    import json
-    import subprocess
-    import tempfile
+    from fastpref.profiling import call_in_subprocess
 
-    with tempfile.TemporaryDirectory(prefix="fastpref-demo-") as tmp:
-        out = f"{tmp}/result.json"
-        code = f"from fastpref.demo import _variant; _variant({setup_path!r}, {name!r}, {out!r})"
-        proc = subprocess.run([sys.executable, "-c", code])
-        if proc.returncode != 0:
-            raise RuntimeError(f"the {name} variant failed (exit code {proc.returncode}); see the error above")
-        with open(out) as f:
-            return json.load(f)
+    return call_in_subprocess("fastpref.demo:_variant", {"setup_path": setup_path, "name": name}, stream=True)
 
 
 def run(args) -> int:
@@ -120,9 +109,9 @@ def run(args) -> int:
 
     from fastpref.hf.data import PreferenceCollator, load_preferences
     from fastpref.hf.model import model_inputs
-    from fastpref.models import (ModelNotFoundError, cache_dir, find_smollm2, is_cached, load_smollm2, tiny_model,
-                                 tiny_tokenizer)
-    from fastpref.train import Trainer, TrainConfig, demo_data_path, pick_device, quiet_known_warnings
+    from fastpref.models import (ModelNotFoundError, cache_dir, demo_data_path, find_smollm2, is_cached, load_smollm2,
+                                 pick_device, quiet_known_warnings, tiny_model, tiny_tokenizer)
+    from fastpref.train import Trainer, TrainConfig
 
     quiet_known_warnings()
     if args.threads:
@@ -203,7 +192,7 @@ def run(args) -> int:
     with torch.no_grad():
         probe.policy.eval()
         fused = probe.policy(**model_inputs(batch)).logps
-        naive = probe.policy(**model_inputs(batch), output="naive").logps
+        naive = probe.policy.naive_logps(**model_inputs(batch)).logps
     diff = float((fused - naive).abs().max())
     say(f"[3/6] wrapper check: token log-probs from the backbone + fused op vs the model's own logits: max |diff| "
         f"{err:.1e}; held-out sequence log-prob sums fused vs naive: max |diff| {diff:.1e} "

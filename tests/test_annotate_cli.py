@@ -7,7 +7,6 @@ import socket
 import time
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -25,13 +24,7 @@ RECORDS = [
 TIMEOUT_S = 90
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not suffer from a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +91,8 @@ def test_cdr_routing_and_scores(tmp_path, model_dirs):
                  "--route", "--labeler", weak, "--emit", "scores", "--normalize", "mean", "--no-progress"]) == 0
     recs = read(out)
     assert all(r["domain"] in ("SAFETY", "REASONING", "CHAT") for r in recs) and recs[2]["domain"] == "SAFETY"
-    with pytest.raises(SystemExit, match="same prompt"):  # one model, one prompt: every reward is 0
-        main(["annotate", "cdr", "-i", inp, "-o", out + ".2", "--strong", strong, "--weak", strong])
+    # one model, one prompt: every reward is 0 (a user error: one line, exit 2)
+    assert main(["annotate", "cdr", "-i", inp, "-o", out + ".2", "--strong", strong, "--weak", strong]) == 2
     assert len(recs[0]["scores"]) == 3
     # SAFETY gets built-in guidance on the strong side only (--weak-vanilla): a non-zero ratio of one model
     assert any(s != 0.0 for s in recs[2]["scores"])

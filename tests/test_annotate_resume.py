@@ -5,7 +5,6 @@ shards merge in input order, including a resume with another number of processes
 import json
 
 import pytest
-import torch
 
 from fastpref.annotate import jsonl
 from fastpref.annotate.cdr import CDRAnnotator, CDRConfig
@@ -34,13 +33,7 @@ class Killed(Exception):
     pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not suffer from a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

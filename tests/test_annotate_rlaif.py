@@ -1,4 +1,4 @@
-"""RLAIF labeler: the METHODS.md §6 worked numbers (debiasing 0.664873, d-RLAIF 8.0 -> 0.5556), soft
+"""RLAIF labeler: the docs/methods.md#worked-numbers values (debiasing 0.664873, d-RLAIF 8.0 -> 0.5556), soft
 labels equal the naive two-token softmax of the model's own logits in both orders, chain-of-thought
 runs end to end, d-RLAIF scores whole candidate strings; tiny random models built here."""
 import math
@@ -16,7 +16,6 @@ from fastpref.annotate.rlaif import (
     soft_preference,
 )
 from fastpref.annotate.scoring import ScoringModel
-from fastpref.models import tiny_model, tiny_tokenizer
 
 TEXTS = ["Text - Summary 1 - Summary 2 - Preferred Summary=1 Preferred Summary=2 SCORE: 1 2 3 4 5 6 7 8 9 10 " * 3,
          "the cat sat on the mat all day long; a cat sat on a mat. dogs are great. Rationale: "]
@@ -24,19 +23,12 @@ RECORD = {"prompt": "The cat sat on the mat all day long.", "response_1": "A cat
           "response_2": "Dogs are great.", "label": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not suffer from a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def lm():
-    model, tok = tiny_model("llama", tokenizer=tiny_tokenizer(TEXTS, vocab_size=300), seed=5)
-    return model.eval(), tok
+def lm(tiny_lm):
+    return tiny_lm(TEXTS, vocab_size=300, seed=5)
 
 
 @torch.no_grad()
@@ -56,7 +48,7 @@ def naive_choice_logps(model, tok, text, choices):
 def test_worked_numbers():
     p_ab, p_ba = soft_preference(1.0, 0.0), soft_preference(0.4, 0.0)
     assert abs(p_ab - 0.731059) < 1e-6 and abs(p_ba - 0.598688) < 1e-6
-    assert abs(debiased_preference(p_ab, p_ba) - 0.664873) < 1e-6  # METHODS.md §6
+    assert abs(debiased_preference(p_ab, p_ba) - 0.664873) < 1e-6  # docs/methods.md#worked-numbers
     assert abs(soft_preference(-800.0, 0.0)) < 1e-300 and soft_preference(800.0, 0.0) == 1.0
     torch.testing.assert_close(soft_preference(torch.tensor([1.0]), torch.tensor([0.0])), torch.tensor([0.731059]))
     probs = torch.tensor([0, 0, 0, 0, 0, 0.1, 0.2, 0.4, 0.2, 0.1], dtype=torch.float64)

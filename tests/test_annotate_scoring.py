@@ -10,29 +10,21 @@ from fastpref.annotate.scoring import (
     restricted_logprobs,
     restricted_logprobs_ref,
 )
-from fastpref.models import TINY_ARCHITECTURES, tiny_model, tiny_tokenizer
-from fastpref.ops import available_backends
+from fastpref.models import TINY_ARCHITECTURES, tiny_model
+from fastpref.ops import backend_reasons
 
-CPU_BACKENDS = [b for b, why in available_backends("cpu", torch.float32).items() if not why and b != "triton"]
+CPU_BACKENDS = [b for b, why in backend_reasons("cpu", torch.float32).items() if not why and b != "triton"]
 TEXTS = ["the quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9 10 " * 3,
          "Preferred Summary=1 Preferred Response=2 SCORE: 10 Category: SAFETY REASONING CHAT"]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not suffer from a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def lm():
-    tok = tiny_tokenizer(TEXTS, vocab_size=300)
-    model, tok = tiny_model("llama", tokenizer=tok, seed=3)
-    return model.eval(), tok
+def lm(tiny_lm):
+    return tiny_lm(TEXTS, vocab_size=300, seed=3)
 
 
 @torch.no_grad()

@@ -24,14 +24,7 @@ CANDIDATES = [
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: a 2-core box shared with other jobs makes two threads spin-wait on each other
-    (measured here: 10 s on one thread against 40-80 s on two)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""C++ CPU row pass (fastpref._C via fastpref.ops.cpp) against the torch formulas in fp64.
+"""C++ CPU row pass (fastpref._C via fastpref.ops.backends.cpp) against the torch formulas in fp64.
 
 These tests fail, never skip, when the extension is not built.
 """
@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-import fastpref.ops.cpp as cpp
+from fastpref.ops.backends import cpp
 
 _ISAS = cpp._C.available_isas() if cpp.has_cpp() else ["auto"]
 DTYPES = [torch.float32, torch.bfloat16]

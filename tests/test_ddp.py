@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 def _step_grads(model, data, pad_id, loss, batch_size, grad_accum):
     cfg = TrainConfig(loss=loss, learning_rate=1e-3, batch_size=batch_size, grad_accum=grad_accum, max_steps=1,
-                      shuffle=True, seed=3, progress=False)
+                      shuffle=True, seed=3, progress=False, precision="fp32")
     trainer = Trainer(model, data, cfg, pad_token_id=pad_id, log=None)
     grads = []
     trainer.optimizer.register_step_pre_hook(

@@ -64,10 +64,11 @@ def test_paired_chat_uses_template_and_masks_it(tok):
     ex = load_preferences([rec], tok)[0]
     prompt_text = "<|im_start|>user\nHow many legs does a spider have?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode(ex["prompt_ids"]) == prompt_text
-    # The template closes the turn with <|im_end|> (= eos): it is not appended twice.
-    assert tok.decode(ex["chosen_ids"]) == "A spider has eight legs.<|im_end|>"
+    # As TRL: the response is the rest of the rendered conversation -- the template's end of turn
+    # (<|im_end|>, the eos) and the newline after it; no second eos.
+    assert tok.decode(ex["chosen_ids"]) == "A spider has eight legs.<|im_end|>\n"
     assert ex["chosen_ids"].count(tok.eos_token_id) == 1
-    assert tok.decode(ex["rejected_ids"]) == "Six legs.<|im_end|>"
+    assert tok.decode(ex["rejected_ids"]) == "Six legs.<|im_end|>\n"
 
 
 def test_implicit_prompt_is_the_shared_prefix(tok):

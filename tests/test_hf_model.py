@@ -61,7 +61,7 @@ def test_matches_model_logits(tok, arch, tie, padding):
     lengths = [12, 12, 12] if padding == "none" else [12, 7, 10]
     ids, labels, mask = random_batch(len(tok), lengths, [4, 2, 9], padding)
     with torch.no_grad():
-        out = wrapper(ids, labels, mask)
+        out = wrapper(ids, labels=labels, attention_mask=mask)
         expected, counts = model_logps(model, ids, labels, mask)
     assert out.logps.dtype == torch.float32
     assert torch.equal(out.counts, counts)
@@ -76,16 +76,15 @@ def test_left_padding_equals_unpadded_and_packed(tok, arch):
     lengths, prompts = [9, 5, 13], [3, 1, 6]
     ids, labels, mask = random_batch(len(tok), lengths, prompts, "left", seed=5)
     with torch.no_grad():
-        padded = wrapper(ids, labels, mask).logps
-        singles = torch.cat([wrapper(ids[i:i + 1, -n:], labels[i:i + 1, -n:]).logps for i, n in enumerate(lengths)])
+        padded = wrapper(ids, labels=labels, attention_mask=mask).logps
+        singles = torch.cat([wrapper(ids[i:i + 1, -n:], labels=labels[i:i + 1, -n:]).logps for i, n in enumerate(lengths)])
         m = mask.bool()
-        packed = wrapper(ids[m][None], labels[m][None],
+        packed = wrapper(ids[m][None], labels=labels[m][None],
                          position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
                          seq_ids=torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)), num_seqs=3)
-        naive_packed = wrapper(ids[m][None], labels[m][None],
-                               position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
-                               seq_ids=torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)), num_seqs=3,
-                               output="naive")
+        naive_packed = wrapper.naive_logps(
+            ids[m][None], labels=labels[m][None], position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+            seq_ids=torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)), num_seqs=3)
     torch.testing.assert_close(padded, singles, atol=ATOL_FP32, rtol=0)
     torch.testing.assert_close(packed.logps, singles, atol=ATOL_FP32, rtol=0)
     torch.testing.assert_close(naive_packed.logps, singles, atol=ATOL_FP32, rtol=0)
@@ -111,17 +110,18 @@ def test_gradients_match_naive_and_gradient_checkpointing(tok):
     ids, labels, mask = random_batch(len(tok), [10, 7, 12], [3, 2, 5], "right", seed=7)
     g = torch.randn(3, dtype=torch.float64)
 
-    def grads(output, checkpointing=False):
+    def grads(naive, checkpointing=False):
         m = copy.deepcopy(model)
         if checkpointing:
             enable_checkpointing(m)
             assert any(getattr(layer, "gradient_checkpointing", False) for layer in m.modules())
         m.train()
         w = FusedCausalLM(m)
-        (w(ids, labels, mask, output=output).logps.double() * g).sum().backward()
+        call = w.naive_logps if naive else w
+        (call(ids, labels=labels, attention_mask=mask).logps.double() * g).sum().backward()
         return {n: p.grad.clone() for n, p in m.named_parameters()}
 
-    fused, naive, ckpt = grads("logps"), grads("naive"), grads("logps", checkpointing=True)
+    fused, naive, ckpt = grads(False), grads(True), grads(False, checkpointing=True)
     assert set(fused) == set(naive)
     for name in fused:
         torch.testing.assert_close(fused[name], naive[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
@@ -135,11 +135,11 @@ def test_hidden_output_feeds_the_op(tok):
     wrapper = FusedCausalLM(model).eval()
     ids, labels, mask = random_batch(len(tok), [8, 6], [2, 2], "right")
     with torch.inference_mode():
-        h = wrapper(ids, labels, mask, output="hidden")
+        h = wrapper.hidden(ids, labels=labels, attention_mask=mask)
         assert h.hidden.shape == (2, 8, model.config.hidden_size) and h.labels.shape == (2, 8)
         assert (h.labels[:, -1] == IGNORE_INDEX).all()
         direct = sequence_logps(h.hidden, h.weight, h.labels, bias=h.bias)
-        assert torch.equal(direct.logps, wrapper(ids, labels, mask).logps)
+        assert torch.equal(direct.logps, wrapper(ids, labels=labels, attention_mask=mask).logps)
 
 
 def test_bf16_close_to_fp32(tok):
@@ -148,8 +148,8 @@ def test_bf16_close_to_fp32(tok):
     with torch.no_grad():
         truth, _ = model_logps(model, ids, labels, mask)
         model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        fused = FusedCausalLM(model_bf16)(ids, labels, mask).logps
-        naive = FusedCausalLM(model_bf16)(ids, labels, mask, output="naive").logps
+        fused = FusedCausalLM(model_bf16)(ids, labels=labels, attention_mask=mask).logps
+        naive = FusedCausalLM(model_bf16).naive_logps(ids, labels=labels, attention_mask=mask).logps
     assert fused.dtype == torch.float32
     # error budget: at most twice the naive bf16 path's own error, plus a small margin
     budget = 2 * (naive.double() - truth).abs().max().item() + 0.05
@@ -179,7 +179,7 @@ def test_granite_logits_scaling_becomes_temperature(tok):
     assert head_temperature(cfg) == 4.0
     ids, labels, mask = random_batch(len(tok), [9, 6], [2, 2], "right")
     with torch.no_grad():
-        out = FusedCausalLM(model)(ids, labels, mask).logps
+        out = FusedCausalLM(model)(ids, labels=labels, attention_mask=mask).logps
         expected, _ = model_logps(model, ids, labels, mask)
     assert (out.double() - expected).abs().max().item() <= ATOL_FP32
 
@@ -217,7 +217,7 @@ def test_lora_adapters_disabled_equals_base_model(tok):
     base, _ = tiny_model("llama", tokenizer=tok, seed=8)
     ids, labels, mask = random_batch(len(tok), [11, 7], [3, 2], "right", seed=9)
     with torch.no_grad():
-        expected = FusedCausalLM(copy.deepcopy(base)).eval()(ids, labels, mask).logps
+        expected = FusedCausalLM(copy.deepcopy(base)).eval()(ids, labels=labels, attention_mask=mask).logps
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
     with torch.no_grad():  # make the adapters non-trivial (B starts at zero)
         for name, p in peft_model.named_parameters():
@@ -225,16 +225,16 @@ def test_lora_adapters_disabled_equals_base_model(tok):
                 p.normal_(0, 0.5)
     wrapper = FusedCausalLM(peft_model).eval()
     with torch.no_grad():
-        adapted = wrapper(ids, labels, mask).logps
+        adapted = wrapper(ids, labels=labels, attention_mask=mask).logps
         with wrapper.adapters_disabled():
-            reference = wrapper(ids, labels, mask).logps
-        again = wrapper(ids, labels, mask).logps
+            reference = wrapper(ids, labels=labels, attention_mask=mask).logps
+        again = wrapper(ids, labels=labels, attention_mask=mask).logps
     assert (adapted - expected).abs().max() > 1e-2  # the adapters do change the model
     torch.testing.assert_close(reference, expected, atol=ATOL_FP32, rtol=0)
     torch.testing.assert_close(again, adapted, atol=0, rtol=0)
     # gradients reach the adapters only
     wrapper.train()
-    wrapper(ids, labels, mask).logps.sum().backward()
+    wrapper(ids, labels=labels, attention_mask=mask).logps.sum().backward()
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
@@ -246,7 +246,8 @@ def test_lora_on_the_output_head_is_refused(tok):
     base, _ = tiny_model("llama", tokenizer=tok, tie_word_embeddings=False)
     peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(UnsupportedModelError, match="PEFT adapter layer on the output head"):
-        FusedCausalLM(peft_model)(*random_batch(len(tok), [5], [1], "right"))
+        ids, labels, mask = random_batch(len(tok), [5], [1], "right")
+        FusedCausalLM(peft_model)(ids, labels=labels, attention_mask=mask)
 
 
 # -- the real model ------------------------------------------------------------------------------
@@ -278,10 +279,12 @@ def test_smollm2_matches_its_own_logits(smollm2):
     assert torch.equal(out.counts, counts)
     err = (out.logps.double() - expected).abs().max().item()
     assert err <= ATOL_FP32, f"max |err| {err:.3g} over sums of {counts.tolist()} tokens"
-    # the tokenizer's chat template marks the assistant turn; its end token (eos) is scored once
+    # the tokenizer's chat template marks the assistant turn; its end token (eos) is scored once, then
+    # the newline the template renders after it (TRL's tokenization)
     ex = data[0]
     assert tok.decode(ex["prompt_ids"]).endswith("<|im_start|>assistant\n")
-    assert ex["chosen_ids"][-1] == tok.eos_token_id and ex["chosen_ids"].count(tok.eos_token_id) == 1
+    assert ex["chosen_ids"][-2] == tok.eos_token_id and ex["chosen_ids"].count(tok.eos_token_id) == 1
+    assert tok.decode(ex["chosen_ids"][-1:]) == "\n"
 
 
 def test_hidden_output_composes_with_the_fused_loss(tok):
@@ -293,7 +296,7 @@ def test_hidden_output_composes_with_the_fused_loss(tok):
             {"prompt": "hello world the lazy dog", "chosen": " jumps", "rejected": " over the fox"}]
     batch = PreferenceCollator(tok.pad_token_id)(load_preferences(rows, tok).examples)
     ref = torch.tensor([-30.0, -20.0, -25.0, -28.0])
-    h = policy(**model_inputs(batch), output="hidden")
+    h = policy.hidden(**model_inputs(batch))
     fused = FusedPreferenceLoss("sigmoid", beta=0.1, temperature=policy.temperature)(
         h.hidden, h.weight, h.labels, bias=h.bias, ref_logps=ref, **h.packing)
     logps = policy.logps(batch, output="naive").logps

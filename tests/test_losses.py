@@ -1,4 +1,4 @@
-"""Functional preference losses: METHODS.md §6 worked numbers, formulas recomputed independently in
+"""Functional preference losses: docs/methods.md#worked-numbers, formulas recomputed independently in
 plain Python floats, edge cases and bad-input errors."""
 import math
 
@@ -47,7 +47,7 @@ def assert_close(actual, expected, atol=ATOL):
     assert bool((err <= atol).all()), f"max err {err.max().item():.3g} at {err.argmax().item()}: {actual} vs {expected}"
 
 
-# METHODS.md §6 DPO inputs: Delta = 1.5, beta * Delta = 0.15
+# docs/methods.md#worked-numbers DPO inputs: Delta = 1.5, beta * Delta = 0.15
 PC, PR, RC, RR = t(-10.0), t(-12.0), t(-11.0), t(-11.5)
 
 

@@ -37,7 +37,7 @@ def fresh(model):
 
 
 def config(**kw):
-    base = dict(learning_rate=1e-3, batch_size=4, max_steps=5, progress=False, eval_batch_size=8)
+    base = dict(learning_rate=1e-3, batch_size=4, max_steps=5, progress=False, eval_batch_size=8, precision="fp32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -108,7 +108,8 @@ def test_checkpoint_resume_is_exact(tok, base_model, tmp_path):
     t1.train()
     ckpt = latest_checkpoint(tmp_path / "b")
     assert ckpt is not None and ckpt.name == "checkpoint-2"
-    assert {p.name for p in ckpt.iterdir()} == {"model.pt", "optimizer.pt", "trainer.pt", "state.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.safetensors", "optimizer.json",
+                                                "trainer.safetensors", "trainer.json", "state.json"}  # no pickle
 
     # A new process would start from the initial weights and the raw data: the reference log-probs
     # must come from the checkpoint, not from re-scoring with the trained model.

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from fastpref.ops.triton import rowpass  # noqa: E402
-from fastpref.ops.triton import (  # noqa: E402
+from fastpref.ops.triton.rowpass import (  # noqa: E402
     block_backward_,
     block_backward_op,
     fused_forward,

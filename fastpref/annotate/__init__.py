@@ -1,4 +1,5 @@
-"""Preference annotation with LLMs: CDR density-ratio rewards and RLAIF labelers (METHODS.md §3, §5).
+"""Preference annotation with LLMs: CDR density-ratio rewards and RLAIF labelers (docs/methods.md#cdr,
+docs/methods.md#rlaif).
 
 Scoring runs in inference mode through the fused log-prob op (no ``[B, T, V]`` logits); output is
 JSONL in input order, resumable and shardable across processes (``torchrun``). Command line:

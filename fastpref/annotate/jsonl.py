@@ -19,15 +19,27 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from fastpref.errors import InputError, UsageError
+from fastpref.jsonio import count_lines, iter_jsonl
 
 SOURCE_KEY = "source_line"
 _TAIL_BLOCK = 1 << 16
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A malformed or unusable input record (reported with its line number; fatal only with ``strict``)."""
+
+
+class OutputExists(UsageError, FileExistsError):
+    """The output exists and neither ``resume`` nor ``overwrite`` was asked for."""
+
+
+class NotResumable(UsageError, ValueError):
+    """The file named as output is not an annotation output this run can continue."""
 
 
 def in_shard(line: int, rank: int = 0, world_size: int = 1) -> bool:
@@ -39,27 +51,20 @@ def iter_records(path: Union[str, Path], *, rank: int = 0,
                  world_size: int = 1) -> Iterator[Tuple[int, Union[Dict[str, Any], RecordError]]]:
     """``(line number, JSON object or RecordError)`` for the non-blank lines of shard ``rank``.
 
-    Bad JSON and non-object values come back as :class:`RecordError` values, so the caller decides
-    whether they are fatal."""
-    with open(path, encoding="utf-8") as fh:
-        for line, text in enumerate(fh, 1):
-            if not in_shard(line, rank, world_size) or not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield line, RecordError(f"invalid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(obj, dict):
-                yield line, RecordError(f"expected a JSON object, got {type(obj).__name__}")
-                continue
+    Bytes that are not UTF-8, bad JSON and non-object values come back as :class:`RecordError` values
+    (see :mod:`fastpref.jsonio` for the messages), so the caller decides whether they are fatal."""
+    for line, obj, err in iter_jsonl(path, keep=lambda n: in_shard(n, rank, world_size)):
+        if err is not None:
+            yield line, RecordError(err)
+        elif not isinstance(obj, dict):
+            yield line, RecordError(f"expected a JSON object, got {type(obj).__name__}")
+        else:
             yield line, obj
 
 
 def count_records(path: Union[str, Path], *, rank: int = 0, world_size: int = 1) -> int:
     """Number of non-blank input lines in shard ``rank`` (the progress bar's total)."""
-    with open(path, encoding="utf-8") as fh:
-        return sum(1 for line, text in enumerate(fh, 1) if in_shard(line, rank, world_size) and text.strip())
+    return count_lines(path, keep=lambda n: in_shard(n, rank, world_size))
 
 
 def dumps(record: Dict[str, Any]) -> str:
@@ -104,13 +109,13 @@ def repair(path: Union[str, Path]) -> Optional[int]:
                 break
         if end != size:
             fh.truncate(end)
-    last = _read_last_line(path)
-    if last is None:
-        return None
     try:
+        last = _read_last_line(path)
+        if last is None:
+            return None
         return int(json.loads(last)[SOURCE_KEY])
-    except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{path}: the last complete line is not an annotation record with {SOURCE_KEY!r}; "
+    except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise NotResumable(f"{path}: the last complete line is not an annotation record with {SOURCE_KEY!r}; "
                          "cannot resume from this file") from None
 
 
@@ -126,7 +131,7 @@ class ResumableWriter:
         self.written = 0
         exists = self.path.exists() and self.path.stat().st_size > 0
         if exists and not resume and not overwrite:
-            raise FileExistsError(f"{self.path} exists; pass --resume to continue it or --overwrite to replace it")
+            raise OutputExists(f"{self.path} exists; pass --resume to continue it or --overwrite to replace it")
         if exists and resume:
             self.last_line = repair(self.path)
             mode = "a"
@@ -179,7 +184,8 @@ def shard_path(output: Union[str, Path], rank: int, world_size: int) -> Path:
 def shard_files(output: Union[str, Path]) -> List[Path]:
     """Every shard file of ``output`` on disk, whatever its world size."""
     output = Path(output)
-    return sorted(output.parent.glob(f"{output.name}.shard-*-of-*"))
+    pattern = re.compile(re.escape(output.name) + r"\.shard-\d+-of-\d+")
+    return sorted(p for p in output.parent.glob(f"{output.name}.shard-*-of-*") if pattern.fullmatch(p.name))
 
 
 def seed_shard(output: Union[str, Path], rank: int, world_size: int) -> int:

@@ -1,8 +1,8 @@
 """Prompt texts for the annotators: RLAIF preambles and endings, d-RLAIF rating instructions, the CDR
 domain router and per-domain CDR guidance (system prompts and in-context exemplar blocks).
 
-All wording is our own paraphrase of the structures described in METHODS.md §3.3 (CDR guidance) and
-§5.1-5.2 (RLAIF prompts); the papers' exact prompts are not reproduced. Every text here can be replaced
+All wording is our own paraphrase of the structures described in docs/methods.md#cdr (CDR guidance) and
+docs/methods.md#rlaif, docs/methods.md#d-rlaif (RLAIF prompts); the papers' exact prompts are not reproduced. Every text here can be replaced
 from the command line or through the config dataclasses.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ FALLBACK_DOMAIN = "CHAT"
 
 
 # ---------------------------------------------------------------------------------------------
-# RLAIF (METHODS.md §5.1): preamble, sample layout and ending per task
+# RLAIF (docs/methods.md#rlaif): preamble, sample layout and ending per task
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class TaskFormat:
     context_label: str
     response_label: str
     ending: str
-    direct_context: str  # d-RLAIF labels (METHODS.md §5.2)
+    direct_context: str  # d-RLAIF labels (docs/methods.md#d-rlaif)
     direct_response: str
     direct_ending: str
 
@@ -88,7 +88,7 @@ DIRECT_PREAMBLES: Dict[str, str] = {
 
 
 # ---------------------------------------------------------------------------------------------
-# CDR domain router (METHODS.md §3.3 item 1)
+# CDR domain router (docs/methods.md#cdr-routing)
 
 ROUTER_INSTRUCTION = (
     "Classify the user's request into exactly one category:\n"
@@ -102,7 +102,7 @@ ROUTER_CUE = "Category:"
 
 
 # ---------------------------------------------------------------------------------------------
-# CDR guidance per domain (METHODS.md §3.3 items 2-4)
+# CDR guidance per domain (docs/methods.md#cdr)
 
 SAFETY_SYSTEM_PROMPT = (
     "You are a helpful and safe assistant. Follow these rules:\n"

@@ -4,17 +4,14 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from fastpref.annotate.jsonl import RecordError
+from fastpref.hf.data import check_messages as _check_messages
 
 PromptLike = Union[str, List[Dict[str, str]]]
 
 
 def check_messages(name: str, value: Any) -> List[Dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise RecordError(f"{name!r}: expected a non-empty list of messages")
-    for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise RecordError(f"{name!r}[{i}]: expected {{'role': str, 'content': str}}, got {msg!r:.80}")
-    return value
+    """A non-empty list of ``{'role', 'content'}`` messages (the training data's check), else :class:`RecordError`."""
+    return _check_messages(name, value, error=RecordError)
 
 
 def get_prompt(record: Dict[str, Any], keys: Sequence[str] = ("prompt",)) -> PromptLike:

@@ -1,32 +1,46 @@
-"""RLAIF labelers (Lee et al., arXiv 2309.00267; METHODS.md §5): soft pairwise AI preferences and
+"""RLAIF labelers (Lee et al., arXiv 2309.00267; docs/methods.md#rlaif): soft pairwise AI preferences and
 direct (d-RLAIF) scores from an LLM's next-token log-probs.
 
-Pairwise (§5.1). The labeler reads a preamble, optional few-shot exemplars, the sample
+Pairwise (paper §2.1). The labeler reads a preamble, optional few-shot exemplars, the sample
 (``Text - x``, ``Summary 1 - a``, ``Summary 2 - b``; dialogue: ``Context``/``Response``) and the ending
 ``Preferred Summary=`` (``Preferred Response=``). With ``l_k`` the full-vocabulary log-prob of the
 next token being ``"k"``::
 
     P(1) = exp(l_1) / (exp(l_1) + exp(l_2)) = sigmoid(l_1 - l_2)
 
-Position debiasing (§5.1.1): score both orders and average after mapping back::
+Position debiasing (paper §2.1.1): score both orders and average after mapping back::
 
     P(a > b) = 1/2 [ P_ab("1") + P_ba("2") ]
 
-Chain-of-thought (§5.1.2): the ending is replaced by a rationale request ending in ``Rationale:``,
+Chain-of-thought (paper §2.1.2): the ending is replaced by a rationale request ending in ``Rationale:``,
 the labeler decodes greedily (at most ``max_new_tokens``), then prompt + rationale + the standard
 ending are scored as above (once per order when debiasing).
 
-Direct RLAIF (§5.2). The labeler rates one response from 1 to 10 after ``SCORE:``; with ``P(i)`` the
+Self-consistency (Lee et al., 2023, RLAIF, arXiv 2309.00267, App. M; the idea is Wang et al., 2022,
+arXiv 2203.11171; docs/methods.md#rlaif-self-consistency): with ``samples = K``, each order samples
+``K`` rationales at ``temperature`` instead of one greedy rationale, scores each (prompt + rationale
+``i`` + ending, as above) and averages the preference distributions (not the log-probs, not a vote)::
+
+    P_ab("1") = 1/K sum_i P_ab("1" | rationale_i),   then position debiasing as above.
+
+Sampling is our own loop (:func:`sample_continuations`): per rationale a ``torch.Generator`` seeded from
+``(seed, input line, order, i)``, one uniform draw per token, the token found by inverting the CDF of
+``softmax(logits / temperature)`` (float64, full vocabulary, or the ``top_k`` largest logits: the paper
+used top-K 40); a rationale ends at EOS or after ``max_new_tokens``. Seeds depend on the input line, not on the batch, so a resumed run samples the same
+rationales.
+
+Direct RLAIF (paper §2.2.2). The labeler rates one response from 1 to 10 after ``SCORE:``; with ``P(i)`` the
 candidates' probabilities renormalised over 1..10 (whole strings: "10" may be two tokens, scored as the
 sum of its conditionals)::
 
     s = sum_i i * P(i),        reward = (s - 5.5) / 4.5  in [-1, 1]
 
 The paper does not state its rescaling; ``(s - 5.5) / 4.5`` (the affine map of [1, 10] onto [-1, 1])
-is our assumption (METHODS.md §5.2 marks it unverified).
+is our assumption (docs/methods.md#d-rlaif).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -51,7 +65,7 @@ SCORE_LOW, SCORE_HIGH = 1, 10
 
 
 def soft_preference(logp_1, logp_2):
-    """``P(1) = e^{l1} / (e^{l1} + e^{l2}) = sigmoid(l1 - l2)`` (METHODS.md §5.1); floats or tensors."""
+    """``P(1) = e^{l1} / (e^{l1} + e^{l2}) = sigmoid(l1 - l2)`` (docs/methods.md#rlaif); floats or tensors."""
     if isinstance(logp_1, torch.Tensor) or isinstance(logp_2, torch.Tensor):
         return torch.sigmoid(torch.as_tensor(logp_1) - torch.as_tensor(logp_2))
     d = float(logp_1) - float(logp_2)
@@ -60,7 +74,7 @@ def soft_preference(logp_1, logp_2):
 
 def debiased_preference(p_ab_1, p_ba_2):
     """``P(a > b) = 1/2 [P_ab("1") + P_ba("2")]``: the two orders' probabilities that ``a`` wins
-    (§5.1.1). Worked example (§6): sigmoid(1.0) and sigmoid(0.4) give 0.664873."""
+    (docs/methods.md#rlaif-debiasing). Worked example (docs/methods.md#worked-numbers): sigmoid(1.0) and sigmoid(0.4) give 0.664873."""
     return 0.5 * (p_ab_1 + p_ba_2)
 
 
@@ -74,8 +88,99 @@ def expected_score(logps: torch.Tensor, values: Optional[Sequence[float]] = None
 
 def rescale_score(s, low: float = SCORE_LOW, high: float = SCORE_HIGH):
     """Affine map of ``[low, high]`` onto ``[-1, 1]``: ``(s - (low+high)/2) / ((high-low)/2)``; for 1..10
-    that is ``(s - 5.5) / 4.5`` (an assumption: the paper does not state its map). §6: 8.0 -> 0.5556."""
+    that is ``(s - 5.5) / 4.5`` (an assumption: the paper does not state its map). docs/methods.md#worked-numbers: 8.0 -> 0.5556."""
     return (s - 0.5 * (low + high)) / (0.5 * (high - low))
+
+
+# ---------------------------------------------------------------------------------------------
+# self-consistency sampling
+
+
+def sample_seed(seed: int, line: int, order: int, index: int) -> int:
+    """Seed of the ``index``-th sampled rationale for input ``line`` in ``order`` (0: a-b, 1: b-a):
+    a hash, so neighbouring lines and samples get unrelated streams."""
+    digest = hashlib.sha256(f"fastpref/rlaif/self-consistency/{seed}/{line}/{order}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample_token(logits: torch.Tensor, temperature: float, generator: torch.Generator,
+                 top_k: Optional[int] = None) -> int:
+    """One token from ``softmax(logits / temperature)`` (``logits [V]``, computed in float64 on the CPU;
+    ``top_k``: only the ``k`` largest logits, ties at the k-th included) by inverting its CDF at one
+    uniform draw of ``generator``; a zero-probability token is never drawn."""
+    z = logits.detach().to("cpu", torch.float64)
+    if top_k is not None and top_k < z.numel():
+        z = z.masked_fill(z < torch.topk(z, top_k).values[-1], float("-inf"))
+    probs = torch.softmax(z / temperature, dim=-1)
+    cdf = probs.cumsum(0)
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    return int(torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_max(cdf.numel() - 1))
+
+
+@torch.inference_mode()
+def sample_continuations(labeler: ScoringModel, prefixes: Sequence[Sequence[int]], seeds: Sequence[int],
+                         max_new_tokens: int, temperature: float, top_k: Optional[int] = None) -> List[str]:
+    """Sampled continuations of token-id prefixes, one ``torch.Generator(seed)`` per prefix (see
+    :func:`sample_token`), decoded without special tokens; each stops at EOS or ``max_new_tokens``.
+
+    Batches of ``labeler.batch_size`` prefixes run through the model's backbone with a KV cache (left
+    padding, explicit positions); the next-token logits are ``h_last @ W.T (+ b)`` in fp32, divided by the
+    model's head temperature and by ``temperature``."""
+    weight, bias = labeler.fused.head()
+    scale = float(labeler.fused.temperature) * float(temperature)
+    texts: List[Optional[str]] = [None] * len(prefixes)
+    for batch in labeler._order([len(p) for p in prefixes]):
+        gens = [torch.Generator().manual_seed(int(seeds[i])) for i in batch]
+        new = _sample_batch(labeler, [list(prefixes[i]) for i in batch], gens, max_new_tokens, weight, bias, scale,
+                            top_k)
+        for k, i in enumerate(batch):
+            texts[i] = labeler.tokenizer.decode(new[k], skip_special_tokens=True)
+    return texts
+
+
+def _sample_batch(labeler: ScoringModel, seqs, gens, max_new_tokens: int, weight, bias, scale: float,
+                  top_k: Optional[int]) -> List[List[int]]:
+    backbone, dev = labeler.fused.backbone, labeler.device
+    b, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((b, T), labeler.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, s in enumerate(seqs):  # left padding: every prefix ends at column T-1
+        ids[k, T - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[k, T - len(s):] = 1
+    ids, mask = ids.to(dev), mask.to(dev)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    res = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = getattr(res, "past_key_values", None)
+    new: List[List[int]] = [[] for _ in range(b)]
+    alive = [True] * b
+    for step in range(max_new_tokens):
+        h = res.last_hidden_state[:, -1].float()
+        logits = h @ weight.float().T
+        if bias is not None:
+            logits = logits + bias.float()
+        nxt = []
+        for k in range(b):
+            tok = labeler.pad_id
+            if alive[k]:
+                tok = sample_token(logits[k], scale, gens[k], top_k)
+                if tok == labeler.eos_id:
+                    alive[k] = False
+                else:
+                    new[k].append(tok)
+            nxt.append(tok)
+        if not any(alive) or step == max_new_tokens - 1:
+            break
+        tok = torch.tensor(nxt, dtype=torch.long, device=dev)[:, None]
+        mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+        if cache is not None:
+            res = backbone(input_ids=tok, attention_mask=mask, position_ids=pos[:, -1:], past_key_values=cache,
+                           use_cache=True)
+            cache = res.past_key_values
+        else:  # no cache support: recompute the whole sequence
+            ids = torch.cat([ids, tok], dim=1)
+            res = backbone(input_ids=ids, attention_mask=mask, position_ids=pos)
+    return new
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,6 +237,9 @@ class RLAIFConfig:
     mode: ``"pairwise"`` (soft preference of two responses) or ``"direct"`` (d-RLAIF 1-10 score of each).
     debias: score both orders and average (pairwise).
     cot: greedy chain-of-thought rationale before scoring (pairwise), at most ``max_new_tokens``.
+    samples: self-consistency: ``K > 0`` sampled rationales per order (at ``temperature``, seeded by
+        ``seed`` and the input line) whose preference distributions are averaged; 0: one greedy rationale.
+    temperature, top_k: sampling of those rationales (``top_k`` None: the full vocabulary).
     emit: pairwise only: ``"labels"`` (the record plus soft labels) or ``"pairs"`` (prompt/chosen/rejected
         ordered by the AI preference; exact ties skipped).
     direct_preamble: d-RLAIF instruction (default: built-in for ``task``).
@@ -147,6 +255,10 @@ class RLAIFConfig:
     cot_request: Optional[str] = None
     emit: str = "labels"
     direct_preamble: Optional[str] = None
+    samples: int = 0
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    seed: int = 0
 
     def __post_init__(self):
         if self.task not in P.TASKS:
@@ -157,6 +269,17 @@ class RLAIFConfig:
             raise ValueError(f"emit: expected labels or pairs, got {self.emit!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
+            raise ValueError(f"samples: expected an integer >= 0 (0: greedy rationale), got {self.samples!r}")
+        if self.samples and not self.cot:
+            raise ValueError("samples: self-consistency samples chain-of-thought rationales; set cot=True (--cot)")
+        if self.samples and self.mode != "pairwise":
+            raise ValueError("samples: self-consistency is for pairwise labelling")
+        if isinstance(self.temperature, bool) or not (isinstance(self.temperature, (int, float))
+                                                      and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature: expected a finite number > 0, got {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k: expected an integer >= 1 or None (no truncation), got {self.top_k!r}")
 
 
 @dataclass
@@ -177,7 +300,9 @@ class RLAIFLabeler(Annotator):
     (optional human ``label``: 1 or 2), or ``{"prompt", "chosen", "rejected"}`` (human label 1 = chosen).
     Output (``emit="labels"``): the record plus ``ai_preference`` = P(response 1 > response 2),
     ``p_order_ab`` = P_ab("1"), ``p_order_ba`` = P_ba("2") (debiasing on), ``ai_label`` (1, 2 or 0 for a
-    tie), ``rationales`` (CoT) and ``agrees`` when a human label exists.
+    tie), ``rationales`` (CoT: one per order; self-consistency: a list of ``samples`` per order, with the
+    per-sample ``p_order_ab_samples`` / ``p_order_ba_samples`` that ``p_order_ab`` / ``p_order_ba`` average)
+    and ``agrees`` when a human label exists.
 
     Direct input: ``response``/``completion``, ``responses`` [...], ``response_1``/``response_2`` or
     ``chosen``/``rejected``; output: ``score``/``reward`` (or ``scores``/``rewards``, or
@@ -308,7 +433,8 @@ class RLAIFLabeler(Annotator):
             k, (x, y) = jobs[j]
             return ctx[k], items[k].texts[x], items[k].texts[y]
 
-        rationales: Dict[int, str] = {}
+        n_samples = max(self.cfg.samples, 1)
+        rationales: Dict[Tuple[int, int], str] = {}  # (job, sample) -> rationale
         if self.cfg.cot:
             cot_ids = {}
             for j, (k, _) in enumerate(jobs):
@@ -318,36 +444,54 @@ class RLAIFLabeler(Annotator):
                     cot_ids[j] = ids
                 except RecordError as exc:
                     failed.setdefault(k, str(exc))
-            live = [j for j in cot_ids if jobs[j][0] not in failed]
-            texts = self.labeler.generate([cot_ids[j] for j in live], self.cfg.max_new_tokens)
-            rationales = {j: t.strip() for j, t in zip(live, texts)}
+            live = [(j, i) for j in cot_ids if jobs[j][0] not in failed for i in range(n_samples)]
+            prefixes = [cot_ids[j] for j, _ in live]
+            if self.cfg.samples:
+                seeds = [sample_seed(self.cfg.seed, items[jobs[j][0]].line, orders.index(jobs[j][1]), i)
+                         for j, i in live]
+                texts = sample_continuations(self.labeler, prefixes, seeds, self.cfg.max_new_tokens,
+                                             self.cfg.temperature, self.cfg.top_k)
+            else:
+                texts = self.labeler.generate(prefixes, self.cfg.max_new_tokens)
+            rationales = {key: t.strip() for key, t in zip(live, texts)}
         prepared = {}
         for j, (k, _) in enumerate(jobs):
-            if k in failed:
-                continue
-            try:
-                prepared[j] = self._prepare(self.score_prompt(*slots(j), rationales.get(j)), ["1", "2"])
-            except RecordError as exc:
-                failed.setdefault(k, str(exc))
-        lp = self._score({j: v for j, v in prepared.items() if jobs[j][0] not in failed})
+            for i in range(n_samples if self.cfg.cot else 1):
+                if k in failed:
+                    continue
+                try:
+                    prepared[(j, i)] = self._prepare(self.score_prompt(*slots(j), rationales.get((j, i))), ["1", "2"])
+                except RecordError as exc:
+                    failed.setdefault(k, str(exc))
+        lp = self._score({key: v for key, v in prepared.items() if jobs[key[0]][0] not in failed})
         outcomes = []
         for k, item in enumerate(items):
             if k in failed:
                 outcomes.append(Outcome(error=failed[k]))
                 continue
             js = [j for j, (kk, _) in enumerate(jobs) if kk == k]
-            p_first = [float(soft_preference(lp[j][0], lp[j][1])) for j in js]  # P(slot 1 wins) per order
+            keys = [[key for key in sorted(lp) if key[0] == j] for j in js]
+            # P(slot 1 wins) per order and sample; self-consistency averages the samples' distributions
+            p_each = [[float(soft_preference(lp[key][0], lp[key][1])) for key in ks] for ks in keys]
+            p_first = [sum(ps) / len(ps) for ps in p_each]
             p_ab = p_first[0]
             p_ba = 1.0 - p_first[1] if self.cfg.debias else None
             p = debiased_preference(p_ab, p_ba) if self.cfg.debias else p_ab
             if not math.isfinite(p):
-                outcomes.append(Outcome(error=f"non-finite preference (log-probs {[lp[j].tolist() for j in js]})"))
+                outcomes.append(Outcome(error=f"non-finite preference (log-probs {[lp[key].tolist() for ks in keys for key in ks]})"))
                 continue
-            outcomes.append(self._pairwise_outcome(item, p, p_ab, p_ba, [rationales.get(j) for j in js]))
+            if self.cfg.samples:
+                texts = [[rationales.get(key) for key in ks] for ks in keys]
+                samples = {"p_order_ab_samples": p_each[0]}
+                if self.cfg.debias:
+                    samples["p_order_ba_samples"] = [1.0 - q for q in p_each[1]]
+            else:
+                texts, samples = [rationales.get((j, 0)) for j in js], {}
+            outcomes.append(self._pairwise_outcome(item, p, p_ab, p_ba, texts, samples))
         return outcomes
 
     def _pairwise_outcome(self, item: RLAIFItem, p: float, p_ab: float, p_ba: Optional[float],
-                          rationales: List[Optional[str]]) -> Outcome:
+                          rationales: List[Any], samples: Optional[Dict[str, Any]] = None) -> Outcome:
         ai_label = 1 if p > 0.5 else 2 if p < 0.5 else 0
         if self.cfg.emit == "pairs":
             if ai_label == 0:
@@ -368,6 +512,7 @@ class RLAIFLabeler(Annotator):
             out["p_order_ba"] = p_ba
         if self.cfg.cot:
             out["rationales"] = rationales
+        out.update(samples or {})
         if item.human is not None:
             out["agrees"] = ai_label == item.human
         return Outcome(out)

@@ -8,12 +8,14 @@ see identical batches, and the resumed file is byte-identical to an uninterrupte
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from fastpref.annotate.jsonl import (
+    OutputExists,
     RecordError,
     ResumableWriter,
     count_records,
@@ -24,9 +26,11 @@ from fastpref.annotate.jsonl import (
     shard_files,
     shard_path,
 )
+from fastpref.errors import UsageError
+from fastpref.outputs import FingerprintMismatch, OutputLock, check_fingerprint, file_fingerprint, model_fingerprint, write_settings
 
 
-class AnnotationError(RuntimeError):
+class AnnotationError(UsageError, RuntimeError):
     """A run cannot go on (``strict`` and a bad record, or an output that cannot be resumed)."""
 
 
@@ -87,20 +91,48 @@ def meta_path(output: Union[str, Path]) -> Path:
     return output.with_name(output.name + ".meta.json")
 
 
-def _check_meta(annotator: Annotator, output: Path, resuming: bool) -> None:
-    """On resume, refuse to append to an output made with other settings; then record this run's."""
-    meta = {"annotator": annotator.name, "config": json.loads(json.dumps(annotator.config()))}
+def _scoring_models(annotator: Annotator) -> Dict[str, Any]:
+    """The scoring models an annotator holds, by attribute path (``strong``, ``router.labeler``...)."""
+    from fastpref.annotate.scoring import ScoringModel
+
+    found: Dict[str, Any] = {}
+    for name, value in sorted(vars(annotator).items()):
+        if isinstance(value, ScoringModel):
+            found[name] = value
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            for sub, inner in sorted(vars(value).items()):
+                if isinstance(inner, ScoringModel):
+                    found[f"{name}.{sub}"] = inner
+    return found
+
+
+def fingerprint(annotator: Annotator, input_path: Union[str, Path]) -> Dict[str, Any]:
+    """Everything that determines an annotation output's content (stored in ``<output>.meta.json``):
+    the annotator and its config (prompts, options, seed), the input file (path, size, SHA-256), each
+    scoring model (name, weights/tokenizer hash, dtype, max_length, chat rendering) and the fastpref
+    version. Batch size, device and op backend are left out: they change results only by rounding."""
+    from fastpref import __version__
+
+    models, seen = {}, {}
+    for role, sm in _scoring_models(annotator).items():
+        if id(sm.model) not in seen:
+            seen[id(sm.model)] = model_fingerprint(sm.model, sm.tokenizer)
+        models[role] = {"name": sm.name, "max_length": sm.max_length, "chat": sm.use_chat, **seen[id(sm.model)]}
+    return {"annotator": annotator.name, "config": json.loads(json.dumps(annotator.config())),
+            "input": file_fingerprint(input_path), "models": models, "fastpref": __version__}
+
+
+def _check_meta(annotator: Annotator, input_path: Path, output: Path, resuming: bool) -> None:
+    """On resume, refuse to append to an output made with other settings or inputs (every changed key
+    is listed); then record this run's fingerprint."""
+    meta = fingerprint(annotator, input_path)
     path = meta_path(output)
-    if resuming and path.exists():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old != meta:
-            keys = sorted(k for k in set(old.get("config", {})) | set(meta["config"])
-                          if old.get("config", {}).get(k) != meta["config"].get(k))
-            if old.get("annotator") != meta["annotator"]:
-                keys.insert(0, "annotator")
-            raise AnnotationError(f"{output} was written with other settings ({', '.join(keys)} differ, see {path}); "
-                                  "resume with the same settings or start over with --overwrite")
-    path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    if resuming:
+        try:
+            check_fingerprint(path, meta, output=output, unprefix=("config",))
+        except FingerprintMismatch as exc:
+            raise AnnotationError(str(exc)) from None
+    write_settings(path, meta)
 
 
 def _progress(total: int, initial: int, enabled: bool, desc: str):
@@ -148,25 +180,65 @@ def annotate_file(
     if world_size > 1 and barrier is None:
         raise ValueError("a sharded run needs a barrier (e.g. torch.distributed.barrier)")
     input_path, output_path = Path(input_path), Path(output_path)
-    if output_path.resolve() == input_path.resolve():
-        raise AnnotationError(f"{output_path}: the output would overwrite the input")
+    check_paths(input_path, output_path)
+    if batch_size < 1:
+        raise AnnotationError(f"batch_size: expected an integer >= 1, got {batch_size}")
     if log is None:
         from tqdm.auto import tqdm
 
         log = lambda text: tqdm.write(text, file=sys.stderr)  # noqa: E731
     prefix = f"[rank {rank}] " if world_size > 1 else ""
+    target = output_path if world_size == 1 else shard_path(output_path, rank, world_size)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    locks = [OutputLock(output_path, what=f"output {output_path}")] if rank == 0 else []
+    if target != output_path:
+        locks.append(OutputLock(target, what=f"shard file {target}"))
+    try:
+        for lock in locks:  # held until the output is complete: a second writer is refused
+            lock.acquire()
+        return _annotate_locked(annotator, input_path, output_path, target, batch_size, resume, overwrite, strict,
+                                progress, rank, world_size, barrier, log, prefix)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
 
+
+def check_paths(input_path: Path, output_path: Path, *, input_flag: str = "input",
+                output_flag: str = "output") -> None:
+    """Raise :class:`AnnotationError` (naming the flag) for an input that is not a readable file or an
+    output that cannot be created: a directory, a path under a file, an unwritable directory."""
+    if not input_path.exists():
+        raise AnnotationError(f"{input_flag} {input_path}: no such file")
+    if input_path.is_dir():
+        raise AnnotationError(f"{input_flag} {input_path}: is a directory, not a JSONL file")
+    if not os.access(input_path, os.R_OK):
+        raise AnnotationError(f"{input_flag} {input_path}: not readable (permission denied)")
+    if output_path.is_dir():
+        raise AnnotationError(f"{output_flag} {output_path}: is a directory; give the output file's name")
+    if output_path.exists() and output_path.resolve() == input_path.resolve():
+        raise AnnotationError(f"{output_flag} {output_path}: the output would overwrite the input")
+    parent = output_path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise AnnotationError(f"{output_flag} {output_path}: {parent} is a file, not a directory")
+    if parent.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise AnnotationError(f"{output_flag} {output_path}: cannot write in {parent} (permission denied)")
+
+
+def _annotate_locked(annotator, input_path: Path, output_path: Path, target: Path, batch_size: int, resume: bool,
+                     overwrite: bool, strict: bool, progress: bool, rank: int, world_size: int, barrier, log,
+                     prefix: str) -> RunReport:
     stale = [p for p in shard_files(output_path) if world_size == 1 or not p.name.endswith(f"-of-{world_size}")]
     if stale and resume:
         raise AnnotationError(f"shard files of an interrupted run with another number of processes exist "
                               f"({', '.join(p.name for p in stale)}); resume with that number of processes")
     if not resume and not overwrite and output_path.exists() and output_path.stat().st_size > 0:
-        raise FileExistsError(f"{output_path} exists; pass --resume to continue it or --overwrite to replace it")
-    target = output_path if world_size == 1 else shard_path(output_path, rank, world_size)
+        raise OutputExists(f"{output_path} exists; pass --resume to continue it or --overwrite to replace it")
     if world_size > 1 and resume and not target.exists() and output_path.exists():
         seed_shard(output_path, rank, world_size)  # resuming a run made with another world size
     if rank == 0:
-        _check_meta(annotator, output_path, resume and (target.exists() or output_path.exists()))
+        _check_meta(annotator, input_path, output_path, resume and (target.exists() or output_path.exists()))
 
     report = RunReport(records=count_records(input_path, rank=rank, world_size=world_size))
     with ResumableWriter(target, resume=resume, overwrite=overwrite) as writer:

@@ -1,15 +1,16 @@
 """Scoring primitives for annotation with a frozen causal LM (inference mode; no ``[B, T, V]`` logits).
 
-* :func:`restricted_logprobs`: next-token log-probs of a few candidate tokens, normalised over the
-  **full** vocabulary, holding one chunk of ``[rows, V]`` logits at a time (the fused op's row pass
-  computes each chunk's log-sum-exp).
+* :func:`fastpref.ops.restricted_logps` (re-exported here under its old name ``restricted_logprobs``):
+  next-token log-probs of a few candidate tokens, normalised over the **full** vocabulary, holding one
+  chunk of ``[rows, V]`` logits at a time.
 * :class:`ScoringModel`: a model + its tokenizer, with
 
   - :meth:`~ScoringModel.sequence_logps`: ``log pi(y | x)`` (sum and token count) of many
     (prompt ids, response ids) pairs, batched, through :class:`fastpref.hf.FusedCausalLM`;
-  - :meth:`~ScoringModel.candidate_logprobs`: ``log pi(c | prefix)`` for candidate *strings* ``c``
-    that may span several tokens (e.g. "10"): single-token candidates from one forward of the prefix
-    and :func:`restricted_logprobs`; a multi-token candidate is the sum of its conditionals
+  - :meth:`~ScoringModel.candidate_logps` (formerly ``candidate_logprobs``, still accepted):
+    ``log pi(c | prefix)`` for candidate *strings* ``c`` that may span several tokens (e.g. "10"):
+    single-token candidates from one forward of the prefix and :func:`~fastpref.ops.restricted_logps`;
+    a multi-token candidate is the sum of its conditionals
     ``sum_k log pi(c_k | prefix, c_<k)``, computed by the fused op over its tokens;
   - :meth:`~ScoringModel.generate`: greedy continuations (chain-of-thought rationales).
 
@@ -26,75 +27,11 @@ from torch import Tensor
 
 from fastpref.annotate.jsonl import RecordError
 from fastpref.hf import FusedCausalLM
-from fastpref.ops.backends import select_backend
-from fastpref.ops.logps import DEFAULT_CHUNK_BYTES, sequence_logps
+from fastpref.ops import sequence_logps
+from fastpref.ops.constants import DEFAULT_CHUNK_BYTES, IGNORE_INDEX
+from fastpref.ops.restricted import restricted_logprobs, restricted_logprobs_ref, restricted_logps  # noqa: F401 - old names
 
-IGNORE_INDEX = -100
 PromptLike = Union[str, List[dict]]
-
-
-def restricted_logprobs(hidden: Tensor, weight: Tensor, candidates, *, bias: Optional[Tensor] = None,
-                        temperature: float = 1.0, backend: str = "auto",
-                        chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tensor:
-    """Log-probs of candidate next tokens, normalised over the full vocabulary.
-
-    Args:
-        hidden: [N, H] final hidden states at the positions that predict the next token.
-        weight: [V, H] lm_head weight (same dtype as ``hidden``); bias: optional [V].
-        candidates: [C] token ids (int sequence or tensor), each in [0, V).
-        temperature: logits are divided by it (the model's head temperature, normally 1).
-        chunk_bytes: bound on the one ``[rows, V]`` logits buffer.
-
-    Returns:
-        [N, C] fp32 (fp64 for fp64 inputs): ``log_softmax((hidden @ weight.T + bias) / T, -1)[:, candidates]``.
-        Not differentiable (inference only).
-
-    Each chunk of rows computes its logits once; the backend's row pass reduces them to the fp32
-    log-sum-exp and the candidate columns are read from the same buffer, so the candidates and the
-    normaliser come from identical logits.
-    """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature: expected > 0, got {temperature!r}")
-    cand = torch.as_tensor(candidates, dtype=torch.long, device=hidden.device).reshape(-1)
-    vocab = weight.shape[0]
-    if cand.numel() == 0:
-        raise ValueError("candidates: expected at least one token id")
-    if bool(((cand < 0) | (cand >= vocab)).any()):
-        raise ValueError(f"candidates: token ids must lie in [0, {vocab}), got {cand.tolist()}")
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    n = hidden.shape[0]
-    out = torch.empty(n, cand.numel(), dtype=acc, device=hidden.device)
-    if n == 0:
-        return out
-    rowpass = select_backend(backend, hidden.device, hidden.dtype)
-    scale = 1.0 / float(temperature)
-    rows = max(1, min(n, chunk_bytes // (vocab * hidden.element_size())))
-    buf = torch.empty(rows * vocab, dtype=hidden.dtype, device=hidden.device)
-    any_label = cand[:1].expand(rows).contiguous()  # the row pass wants a target; only its lse is used
-    with torch.no_grad():
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            logits = buf[: (r1 - r0) * vocab].view(r1 - r0, vocab)
-            if bias is None:
-                torch.mm(hidden[r0:r1], weight.t(), out=logits)
-            else:
-                torch.addmm(bias.to(hidden.dtype), hidden[r0:r1], weight.t(), out=logits)
-            lse, _ = rowpass.row_forward(logits, any_label[: r1 - r0], scale)
-            out[r0:r1] = logits.index_select(1, cand).to(acc) * scale - lse.to(acc)[:, None]
-    return out
-
-
-def restricted_logprobs_ref(hidden: Tensor, weight: Tensor, candidates, *, bias: Optional[Tensor] = None,
-                            temperature: float = 1.0) -> Tensor:
-    """Reference for :func:`restricted_logprobs`: the full ``[N, V]`` log-softmax, then a gather."""
-    logits = hidden @ weight.t()
-    if bias is not None:
-        logits = logits + bias
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    cand = torch.as_tensor(candidates, dtype=torch.long, device=hidden.device).reshape(-1)
-    return torch.log_softmax(logits.to(acc) / temperature, dim=-1)[:, cand]
 
 
 def move_trailing_space(text: str, candidates: Sequence[str]) -> Tuple[str, List[str]]:
@@ -247,7 +184,7 @@ class ScoringModel:
             seqs = [list(items[i][0]) + list(items[i][1]) for i in batch]
             labels = [[IGNORE_INDEX] * len(items[i][0]) + list(items[i][1]) for i in batch]
             ids, lab, mask = self._pad_right(seqs, labels)
-            out = self.fused(ids, lab, mask)
+            out = self.fused(ids, labels=lab, attention_mask=mask)
             logps[batch] = out.logps.float().cpu()
             counts[batch] = out.counts.cpu()
         return SequenceScores(logps, counts)
@@ -267,20 +204,20 @@ class ScoringModel:
             out[torch.tensor(batch, device=rows.device)] = rows
         return out
 
-    def next_token_logprobs(self, prefixes: Sequence[Sequence[int]], token_ids: Sequence[int]) -> Tensor:
+    def next_token_logps(self, prefixes: Sequence[Sequence[int]], token_ids: Sequence[int]) -> Tensor:
         """[n, C] ``log pi(token | prefix)`` normalised over the full vocabulary (CPU, fp32)."""
         weight, bias = self.fused.head()
         hidden = self.last_hidden(prefixes)
         with torch.inference_mode():
-            lp = restricted_logprobs(hidden, weight, token_ids, bias=bias, temperature=self.fused.temperature,
-                                     backend=self.backend, chunk_bytes=self.chunk_bytes)
+            lp = restricted_logps(hidden, weight, token_ids, bias=bias, temperature=self.fused.temperature,
+                                  backend=self.backend, chunk_bytes=self.chunk_bytes)
         return lp.float().cpu()
 
-    def candidate_logprobs(self, prefixes: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> Tensor:
+    def candidate_logps(self, prefixes: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]) -> Tensor:
         """[n, C] ``log pi(candidate | prefix)`` for candidate token sequences (CPU, fp32).
 
         The first token of every candidate comes from one forward of each prefix and
-        :func:`restricted_logprobs` (full-vocabulary normaliser). A longer candidate adds
+        :func:`~fastpref.ops.restricted_logps` (full-vocabulary normaliser). A longer candidate adds
         ``sum_{k>=2} log pi(c_k | prefix, c_<k)`` (the product of the conditionals): its tokens run
         through the model after the prefix's KV cache, repeated once per candidate, and the fused op
         scores them. Without cache support (no ``position_ids`` / cache API), each ``prefix + candidate``
@@ -292,14 +229,14 @@ class ScoringModel:
         multi = [j for j, c in enumerate(candidates) if len(c) > 1]
         out = torch.empty(n, C, dtype=torch.float32)
         if not multi:
-            out[:] = self.next_token_logprobs(prefixes, [c[0] for c in candidates])
+            out[:] = self.next_token_logps(prefixes, [c[0] for c in candidates])
             return out
         if self._accepts_position_ids:
             cached = self._candidates_cached(prefixes, candidates, multi)
             if cached is not None:
                 return cached
         if single:
-            out[:, single] = self.next_token_logprobs(prefixes, [candidates[j][0] for j in single])
+            out[:, single] = self.next_token_logps(prefixes, [candidates[j][0] for j in single])
         items = [(prefixes[i], candidates[j]) for i in range(n) for j in multi]
         out[:, multi] = self.sequence_logps(items).logps.view(n, len(multi))
         return out
@@ -311,9 +248,13 @@ class ScoringModel:
         params = inspect.signature(self.fused.backbone.forward).parameters
         return "position_ids" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
+    # The former names (``logprobs``); ``logps`` is the package's word for log-probabilities.
+    next_token_logprobs = next_token_logps
+    candidate_logprobs = candidate_logps
+
     @torch.inference_mode()
     def _candidates_cached(self, prefixes, candidates, multi) -> Optional[Tensor]:
-        """The KV-cache path of :meth:`candidate_logprobs`; None when the model returns no usable cache."""
+        """The KV-cache path of :meth:`candidate_logps`; None when the model returns no usable cache."""
         weight, bias = self.fused.head()
         first = [c[0] for c in candidates]
         M, L = len(multi), max(len(candidates[j]) for j in multi) - 1
@@ -333,7 +274,7 @@ class ScoringModel:
             cache = getattr(res, "past_key_values", None)
             if cache is None or not hasattr(cache, "batch_repeat_interleave"):
                 return None
-            lp_first = restricted_logprobs(res.last_hidden_state[:, -1], weight, first, bias=bias,
+            lp_first = restricted_logps(res.last_hidden_state[:, -1], weight, first, bias=bias,
                                            temperature=self.fused.temperature, backend=self.backend,
                                            chunk_bytes=self.chunk_bytes).float().cpu()
             cache.batch_repeat_interleave(M)  # row k*M + m: prefix k followed by candidate multi[m]

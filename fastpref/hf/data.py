@@ -12,9 +12,12 @@ conversational paired record may omit ``prompt``: the longest common prefix of t
 ``rejected`` message lists is the prompt (TRL's "implicit prompt"). Optional precomputed reference
 log-prob sums: ``ref_chosen_logps``/``ref_rejected_logps`` (paired), ``ref_logps`` (point-wise).
 
-Tokenisation: prompt tokens get label -100; EOS is appended to every response unless it already ends
-with it (chat templates usually close the turn with it; trailing whitespace after the rendered turn
-is dropped). Plain-text prompts get the tokenizer's BOS when the tokenizer adds one by itself.
+Tokenisation: prompt tokens get label -100. Plain text: the prompt gets the tokenizer's BOS when the
+tokenizer adds one by itself, and EOS is appended to every response unless it already ends with it.
+Conversational records tokenise exactly as TRL 1.16's ``DPOTrainer`` does: each whole conversation
+and the prompt (with ``add_generation_prompt=True``) go through the chat template, the prompt is their
+common token prefix, and each response is the rest as the template renders it (its end-of-turn token
+and the newline after it included, no EOS added).
 
 Truncation (per example, identical prompt for chosen and rejected):
 ``max_prompt_length`` cuts the prompt (``keep_end``: keep its last tokens; ``keep_start``: its
@@ -34,17 +37,19 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 
-IGNORE_INDEX = -100
+from fastpref.errors import InputError
+from fastpref.ops.constants import IGNORE_INDEX
+
 FORMATS = ("paired", "pointwise")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
 
-class DataError(ValueError):
-    """A malformed record (the message names the file and line)."""
+class DataError(InputError):
+    """A malformed training record (the message names the file and line)."""
 
 
 @dataclass(frozen=True)
@@ -94,34 +99,33 @@ class LoadReport:
 
 def read_jsonl(path: Union[str, Path]) -> List[Tuple[int, Any]]:
     """``(line number, parsed JSON or DataError)`` for every non-blank line; bad JSON is an error value
-    (so ``skip_invalid`` can count it) rather than an exception here."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                rows.append((lineno, DataError(f"invalid JSON ({exc.msg} at column {exc.colno})")))
-    return rows
+    (so ``skip_invalid`` can count it) rather than an exception here; bytes that are not UTF-8 too
+    (``not valid UTF-8 (byte 0xff at column 7)``, see :mod:`fastpref.jsonio`)."""
+    from fastpref.jsonio import iter_jsonl
+
+    return [(lineno, DataError(err) if err is not None else value) for lineno, value, err in iter_jsonl(path)]
 
 
 def _is_messages(value) -> bool:
     return isinstance(value, list)
 
 
-def _check_messages(name: str, value) -> None:
-    if not value:
-        raise DataError(f"{name!r}: empty message list")
+def check_messages(name: str, value: Any, *, error: Optional[Type[InputError]] = None) -> List[Dict[str, str]]:
+    """``value`` must be a non-empty list of ``{'role': str, 'content': str}`` chat messages; returns
+    it. Raises ``error`` (default :class:`DataError`; annotation passes its ``RecordError``) naming
+    the field ``name`` and the index of a bad message."""
+    error = error or DataError
+    if not isinstance(value, list) or not value:
+        raise error(f"{name!r}: expected a non-empty list of messages")
     for i, msg in enumerate(value):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise DataError(f"{name!r}[{i}]: expected {{'role': str, 'content': str}}, got {msg!r:.80}")
+            raise error(f"{name!r}[{i}]: expected {{'role': str, 'content': str}}, got {msg!r:.80}")
+    return value
 
 
 def _check_text(name: str, value, allow_empty: bool = False) -> None:
     if _is_messages(value):
-        _check_messages(name, value)
+        check_messages(name, value)
     elif isinstance(value, str):
         if not value and not allow_empty:
             raise DataError(f"{name!r}: empty string")
@@ -166,8 +170,8 @@ def validate_record(record: Any, fmt: str) -> Dict[str, Any]:
         if "prompt" not in rec:
             if not (_is_messages(rec["chosen"]) and _is_messages(rec["rejected"])):
                 raise DataError("missing key 'prompt' (only conversational records may leave the prompt implicit)")
-            _check_messages("chosen", rec["chosen"])
-            _check_messages("rejected", rec["rejected"])
+            check_messages("chosen", rec["chosen"])
+            check_messages("rejected", rec["rejected"])
             n = _common_prefix(rec["chosen"], rec["rejected"])
             if n == 0:
                 raise DataError("no 'prompt' and chosen/rejected share no leading messages")
@@ -233,23 +237,31 @@ class _Encoder:
             ids = ids + [self.eos]
         return ids
 
-    def prompt(self, prompt) -> Tuple[List[int], Optional[str]]:
-        """``(prompt ids, rendered prompt text for chat records or None)``."""
-        if _is_messages(prompt):
-            if getattr(self.tok, "chat_template", None) is None:
-                raise DataError("conversational record but the tokenizer has no chat template")
-            text = self.tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            return self._ids(text), text
-        ids = self._ids(prompt) if prompt else []
-        return ([self.bos] + ids if self.bos is not None else ids), None
+    def _chat_ids(self, messages, add_generation_prompt: bool = False) -> List[int]:
+        out = self.tok.apply_chat_template(list(messages), tokenize=True, return_dict=True,
+                                           add_generation_prompt=add_generation_prompt)
+        return list(out["input_ids"])
 
-    def response(self, prompt, prompt_text: Optional[str], response) -> List[int]:
-        if _is_messages(response):
-            full = self.tok.apply_chat_template(list(prompt) + list(response), tokenize=False)
-            if not full.startswith(prompt_text):
-                raise DataError("the chat template does not render the prompt (with add_generation_prompt=True) "
-                                "as a prefix of the whole conversation; cannot separate prompt and response")
-            return self._finish(self._ids(full[len(prompt_text):].rstrip()))
+    def conversation(self, prompt, responses) -> Tuple[List[int], List[List[int]]]:
+        """Chat records, token for token as TRL 1.16 does it: the prompt rendered with
+        ``add_generation_prompt=True`` and each whole conversation (prompt + response) are tokenised by
+        the chat template; the prompt is their longest common token prefix (over all responses, so it
+        is the same for chosen and rejected) and each response is the rest of its conversation, as the
+        template renders it -- end-of-turn token and the newline after it included, no EOS added."""
+        if getattr(self.tok, "chat_template", None) is None:
+            raise DataError("conversational record but the tokenizer has no chat template")
+        prompt_ids = self._chat_ids(prompt, add_generation_prompt=True)
+        full = [self._chat_ids(list(prompt) + list(r)) for r in responses]
+        n = min(_common_prefix(prompt_ids, ids) for ids in full)
+        return prompt_ids[:n], [ids[n:] for ids in full]
+
+    def prompt(self, prompt) -> List[int]:
+        """Plain-text prompt ids (BOS first when the tokenizer adds one by itself)."""
+        ids = self._ids(prompt) if prompt else []
+        return [self.bos] + ids if self.bos is not None else ids
+
+    def response(self, response: str) -> List[int]:
+        """Plain-text response ids, EOS-terminated (``add_eos``)."""
         return self._finish(self._ids(response))
 
 
@@ -278,9 +290,12 @@ def _truncate(prompt: List[int], responses: List[List[int]], opts: TokenizeOptio
 def tokenize_record(rec: Dict[str, Any], fmt: str, encoder: _Encoder) -> Tuple[Dict[str, Any], bool]:
     """One validated record -> token ids (``prompt_ids`` plus ``chosen_ids``/``rejected_ids`` or
     ``completion_ids``/``label``, and reference columns when present)."""
-    prompt_ids, prompt_text = encoder.prompt(rec["prompt"])
     names = ("chosen", "rejected") if fmt == "paired" else ("completion",)
-    responses = [encoder.response(rec["prompt"], prompt_text, rec[n]) for n in names]
+    if _is_messages(rec[names[0]]):
+        prompt_ids, responses = encoder.conversation(rec["prompt"] or [], [rec[n] for n in names])
+    else:
+        prompt_ids = encoder.prompt(rec["prompt"])
+        responses = [encoder.response(rec[n]) for n in names]
     prompt_ids, responses, truncated = _truncate(prompt_ids, responses, encoder.opts)
     ex = {"prompt_ids": prompt_ids}
     for n, ids in zip(names, responses):

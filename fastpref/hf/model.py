@@ -1,11 +1,21 @@
-"""Sequence log-probs of a Hugging Face causal LM through the fused op, without calling its lm_head.
+"""Sequence log-probs of a Hugging Face causal LM through the fused op, without computing its logits.
 
-:class:`FusedCausalLM` wraps any ``AutoModelForCausalLM`` (optionally inside a PEFT ``PeftModel``)
-without patching it: it runs the model's backbone (``model.base_model``, the module the causal-LM
-``forward`` itself calls, so the final norm is included for Llama, Qwen2, GPT-2, GPT-NeoX, OPT ...),
-takes ``last_hidden_state`` and applies :func:`fastpref.sequence_logps` with the output embedding's
-weight (tied or not) and bias. Labels follow the Hugging Face convention (``labels[t]`` is the token
-at ``t``, ``-100`` where not scored); the one-token shift happens here.
+:class:`FusedCausalLM` wraps any ``AutoModelForCausalLM`` -- as the user holds it: bare, inside a PEFT
+``PeftModel``, ``DistributedDataParallel``, ``torch.compile`` or sharded with FSDP2's ``fully_shard`` --
+without patching it. Every call goes through the model's own ``forward`` (so hooks, the caller's
+autocast, DDP's gradient hooks, the compiled graph and FSDP's all-gathers all take effect) with
+``logits_to_keep`` set to an empty index tensor, so the lm_head projects zero rows. The final hidden
+states (after the final norm: ``last_hidden_state`` of the backbone, the module the causal-LM ``forward``
+itself calls) are captured by a forward hook on that backbone, and :func:`fastpref.sequence_logps`
+scores them with the output embedding's weight (tied or not) and bias. A model whose ``forward`` takes
+no ``logits_to_keep`` falls back to calling its backbone directly, with a warning (outer wrappers and
+hooks on the causal-LM module are then bypassed).
+
+Labels: by default Hugging Face's convention (``label_shift="hf"``: ``labels[t]`` is the token at
+``t``, ``-100`` where not scored; the one-token shift happens here, as in ``model(labels=...)``);
+``label_shift="none"`` takes labels already aligned with the hidden states (``labels[t]`` is the token
+predicted at ``t``, i.e. ``input_ids[t + 1]``). The labels are checked against ``input_ids`` under the
+declared convention (see ``check_labels``), so a wrong convention is an error, never a wrong number.
 
 Heads that post-process logits are detected from the config: a pure scale (Granite's
 ``logits_scaling``, Cohere's ``logit_scale``) becomes the op's ``temperature`` (exact); soft-capping
@@ -16,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -23,9 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from fastpref.ops import SequenceLogpsOutput, sequence_logps
-from fastpref.ops.logps import DEFAULT_CHUNK_BYTES
-
-IGNORE_INDEX = -100
+from fastpref.ops.constants import DEFAULT_CHUNK_BYTES, IGNORE_INDEX
 
 
 class UnsupportedModelError(ValueError):
@@ -112,8 +121,12 @@ def _resolve_head(head: nn.Module) -> nn.Linear:
 class HiddenOutput:
     """What the fused op needs for one batch of sequences.
 
-    hidden: [S, T, H] final hidden states, or packed [N, H].
-    labels: shifted labels aligned with ``hidden`` ([S, T] or [N]); -100 where not scored.
+    hidden: [S, T, H] final hidden states, or packed [N, H] (dtype of the model's output; under autocast
+        the op casts it, as the lm_head would).
+    labels: [S, T] or [N] int64, already shifted: aligned with ``hidden`` (``labels[t]`` is the token
+        predicted at row ``t``; -100 where not scored). This is what :func:`fastpref.sequence_logps` and
+        :class:`fastpref.losses.FusedPreferenceLoss` take -- never pass Hugging Face-style (unshifted)
+        labels to them.
     weight: [V, H] output head weight; bias: [V] or None.
     seq_ids: packed input only, [N] sequence index of every row; num_seqs: S.
     temperature: logits are divided by it (1 unless the architecture scales its logits).
@@ -132,46 +145,127 @@ class HiddenOutput:
         return {"seq_ids": self.seq_ids, "num_seqs": self.num_seqs}
 
 
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Peel the wrappers that keep the wrapped module's parameters and forward: DDP / FSDP1 (``.module``),
+    ``torch.compile`` (``._orig_mod``). FSDP2 shards in place (no wrapper). PEFT stays (it is the model)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for _ in range(8):
+        if isinstance(model, DistributedDataParallel) or type(model).__name__ == "FullyShardedDataParallel":
+            model = model.module
+        elif hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+            model = model._orig_mod
+        else:
+            break
+    return model
+
+
+def _takes(module: nn.Module, name: str) -> bool:
+    """Whether ``module.forward`` names ``name`` (or passes ``**kwargs`` up to a class forward that does,
+    like a subclass overriding ``forward(*args, **kwargs)``)."""
+    # The class's forward says what the model accepts; an instance-level wrapper (accelerate's autocast,
+    # TRL's fused head) passes keyword arguments through.
+    params = inspect.signature(type(module).forward).parameters
+    if name in params:
+        return True
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return False
+    for cls in type(module).__mro__[1:]:
+        forward = cls.__dict__.get("forward")
+        if forward is not None and name in inspect.signature(forward).parameters:
+            return True
+    return False
+
+
+def _takes_kwarg(module: nn.Module, name: str) -> bool:
+    params = inspect.signature(type(module).forward).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class _HiddenCapture:
+    """Forward hook on the backbone: keeps its ``last_hidden_state`` while a :class:`FusedCausalLM`
+    call is active (a no-op otherwise, so the model behaves as before for everyone else). A plain
+    attribute store, which ``torch.compile`` traces as a side effect of the compiled graph."""
+
+    def __init__(self):
+        self.active = False
+        self.hidden: Optional[Tensor] = None
+        self.autocast: Optional[torch.dtype] = None
+
+    def __call__(self, module, args, output):
+        if self.active:
+            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            self.hidden = hidden
+            # The lm_head would run under the autocast in force here (e.g. accelerate's, which wraps the
+            # model's forward, not ours): the op must use the same dtype.
+            device = hidden.device.type
+            self.autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+_FORWARD_KEYWORDS = ("labels", "attention_mask", "position_ids", "seq_ids", "num_seqs", "label_shift",
+                     "return_token_logps", "inputs_embeds")
+LABEL_SHIFTS = ("hf", "none")
+
+
 class FusedCausalLM(nn.Module):
     r"""Per-sequence log-probs ``log pi(y|x)`` of a causal LM via the fused op (no ``[S, T, V]`` logits).
 
     Args:
         model: an ``AutoModelForCausalLM`` (any architecture whose logits are ``lm_head(last_hidden_state)``),
-            or a PEFT ``PeftModel`` around one (LoRA-style adapters; prompt-learning adapters are refused).
+            or a PEFT ``PeftModel`` around one (LoRA-style adapters; prompt-learning adapters are refused),
+            optionally wrapped in ``DistributedDataParallel``, ``torch.compile`` or sharded with FSDP2's
+            ``fully_shard`` (head in the root unit, the usual recipe). Calls go through ``model`` itself.
         backend, chunk_bytes: passed to :func:`fastpref.sequence_logps`.
+        check_labels: check that scored labels equal ``input_ids`` under the declared ``label_shift``
+            (one boolean reduction; a host sync, so on accelerators only the first 4 calls are checked,
+            on CPU every call). ``False`` turns the check off.
 
-    ``forward(input_ids, labels, attention_mask=None, position_ids=None, seq_ids=None, num_seqs=None,
-    output="logps")``:
+    Methods (everything after ``input_ids`` is keyword-only):
+
+    * ``forward(input_ids, *, labels, attention_mask=None, position_ids=None, seq_ids=None,
+      num_seqs=None, label_shift="hf", return_token_logps=False, inputs_embeds=None) -> SequenceLogpsOutput``
+      ([S] fp32 sums and int64 counts; ``inputs_embeds`` [S, T, E] replaces the embedding lookup, e.g. to
+      differentiate w.r.t. the embeddings as WDPO does).
+    * ``hidden(...)`` (same arguments) ``-> HiddenOutput`` (hidden rows, aligned labels, head weight:
+      the inputs of a fused loss such as :class:`~fastpref.losses.FusedPreferenceLoss`).
+    * ``naive_logps(...)`` (same arguments) ``-> SequenceLogpsOutput``: the usual way, from the model's
+      own ``[S, T, V]`` logits (the baseline).
+
+    Inputs:
 
     * padded batch: ``input_ids``/``labels``/``attention_mask`` [S, T]. Without ``position_ids`` they are
       derived from the mask (``cumsum - 1``), so left padding gives the same log-probs as none.
     * packed (padding-free) batch: ``input_ids``/``labels``/``position_ids`` [1, N] and ``seq_ids`` [N]
       (position ids restart at 0 for every sequence; transformers turns them into a block-diagonal mask
       for SDPA/eager, or varlen flash attention with ``attn_implementation="flash_attention_2"``).
-    * ``labels``: unshifted, like ``input_ids``; -100 at prompt and padding positions.
-    * ``output="logps"`` returns :class:`~fastpref.SequenceLogpsOutput` ([S] fp32 sums and counts);
-      ``"hidden"`` returns :class:`HiddenOutput` (to feed a fused loss); ``"naive"`` computes the same
-      log-probs the usual way, from the model's own ``[S, T, V]`` logits (the baseline).
+    * ``label_shift="hf"``: labels like ``input_ids`` (``labels[t] == input_ids[t]`` or -100); the
+      wrapper shifts. ``"none"``: labels aligned with the hidden states (``labels[t] == input_ids[t+1]``
+      or -100, last position -100).
 
-    Use this module (not the raw model) under DDP so the backbone forward goes through DDP.
     Reference log-probs from the same network without its adapters: :meth:`adapters_disabled`.
 
     Example (a DPO step on a collated paired batch, see :class:`~fastpref.hf.PreferenceCollator`)::
 
-        policy = FusedCausalLM(model)
+        policy = FusedCausalLM(model)                       # or FusedCausalLM(DDP(model)), compiled, ...
         loss_fn = FusedPreferenceLoss("sigmoid", beta=0.1, temperature=policy.temperature)
-        with torch.no_grad(), policy.adapters_disabled():          # or precomputed / a frozen model
+        with torch.no_grad(), policy.adapters_disabled():   # or precomputed / a frozen model
             ref = policy.logps(batch).logps
-        h = policy(**model_inputs(batch), output="hidden")
+        h = policy.hidden(**model_inputs(batch))
         loss_fn(h.hidden, h.weight, h.labels, bias=h.bias, ref_logps=ref, **h.packing).loss.backward()
     """
 
-    def __init__(self, model: nn.Module, *, backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(self, model: nn.Module, *, backend: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 check_labels: bool = True):
         super().__init__()
+        if isinstance(model, FusedCausalLM):
+            raise TypeError("model: already a FusedCausalLM; pass the model it wraps")
         self.model = model
-        self._peft = _is_peft(model)
+        inner = _unwrap(model)
+        self._inner = [inner]  # a list: not registered twice as a submodule
+        self._peft = _is_peft(inner)
         if self._peft:
-            cfg = self.peft.peft_config[self.peft.active_adapter]
+            cfg = inner.peft_config[inner.active_adapter]
             if getattr(cfg, "is_prompt_learning", False) or getattr(cfg, "is_adaption_prompt", False):
                 raise UnsupportedModelError(
                     f"PEFT {type(cfg).__name__} changes the inputs, not the layers; only layer adapters "
@@ -183,23 +277,39 @@ class FusedCausalLM(nn.Module):
         self.temperature = head_temperature(lm.config)
         self.backend = backend
         self.chunk_bytes = chunk_bytes
-        backbone = self.backbone
-        params = inspect.signature(backbone.forward).parameters
-        self._accepts_position_ids = "position_ids" in params or any(
-            p.kind is p.VAR_KEYWORD for p in params.values()
-        )
+        self.check_labels = check_labels
+        self._checked_calls = 0
+        # Through the model's own forward when it can skip the lm_head; else the backbone directly.
+        self.through_model = _takes(lm, "logits_to_keep")
+        call_target = lm if self.through_model else self.backbone
+        self._accepts_position_ids = _takes_kwarg(call_target, "position_ids")
+        self._capture = _HiddenCapture()
+        self._hook = self.backbone.register_forward_hook(self._capture)
+        if not self.through_model:
+            warnings.warn(
+                f"FusedCausalLM: {type(lm).__name__}.forward takes no logits_to_keep, so it cannot skip its "
+                f"lm_head; running its backbone ({type(self.backbone).__name__}) directly instead. Wrappers and "
+                "hooks around the causal-LM module (DDP, torch.compile, FSDP on the root) are bypassed.",
+                stacklevel=2,
+            )
+
+    def __del__(self):
+        hook = self.__dict__.get("_hook")
+        if hook is not None:
+            hook.remove()
 
     # -- structure ------------------------------------------------------------------------------
 
     @property
     def peft(self) -> Optional[nn.Module]:
-        """The PEFT ``PeftModel`` when the wrapped model is one, else None."""
-        return self.model if self._peft else None
+        """The PEFT ``PeftModel`` when the wrapped model is (or wraps) one, else None."""
+        return self._inner[0] if self._peft else None
 
     @property
     def causal_lm(self) -> nn.Module:
-        """The ``*ForCausalLM`` module (inside the PEFT wrapper if any)."""
-        return self.peft.get_base_model() if self.peft is not None else self.model
+        """The ``*ForCausalLM`` module (inside the DDP / compile / PEFT wrappers if any)."""
+        inner = self._inner[0]
+        return inner.get_base_model() if self._peft else inner
 
     @property
     def backbone(self) -> nn.Module:
@@ -213,10 +323,20 @@ class FusedCausalLM(nn.Module):
             raise UnsupportedModelError(f"{type(lm).__name__}: cannot find the backbone (base_model / get_decoder())")
         return decoder
 
-    def head(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """``(weight [V, H], bias [V] or None)`` of the output head as it is now (adapters respected)."""
+    def head(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(weight [V, H], bias [V] or None)`` of the output head as it is now (adapters respected), cast
+        (differentiably) to ``dtype`` when given -- pass ``hidden.dtype`` of :meth:`hidden_states`.
+
+        Under FSDP2 the head is read after the model's forward: in the root unit (the usual recipe) it
+        is then unsharded and its gradient goes through FSDP's reduce-scatter. A still-sharded
+        ``DTensor`` head is gathered with ``full_tensor()``; its gradient is averaged over the mesh as
+        FSDP averages gradients."""
         linear = _resolve_head(self.causal_lm.get_output_embeddings())
-        return linear.weight, linear.bias
+        weight, bias = _gathered(linear.weight), _gathered(linear.bias)
+        if dtype is not None:
+            weight = weight if weight.dtype == dtype else weight.to(dtype)
+            bias = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+        return weight, bias
 
     @property
     def config(self):
@@ -230,20 +350,65 @@ class FusedCausalLM(nn.Module):
         with self.peft.disable_adapter():
             yield
 
-    # -- forward --------------------------------------------------------------------------------
+    # -- the model's forward, minus the lm_head -------------------------------------------------
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                      position_ids: Optional[Tensor] = None) -> Tensor:
-        """Final hidden states [S, T, H] from the backbone (the lm_head is never called)."""
+                      position_ids: Optional[Tensor] = None, *, inputs_embeds: Optional[Tensor] = None) -> Tensor:
+        """Final hidden states [S, T, H] (after the final norm) from the model's own forward; the lm_head
+        projects no row. ``attention_mask`` may be 2D [S, T] or a 4D mask the model accepts.
+        ``inputs_embeds`` [S, T, E]: fed to the model instead of ``input_ids`` (e.g. to differentiate
+        w.r.t. the embeddings, as WDPO does); ``input_ids`` still give the shape and device.
+
+        When that forward runs under autocast (the caller's, or one inside the model's forward such as
+        accelerate's mixed precision), the result is cast to the autocast dtype, as the lm_head's input
+        would be; score it with ``head(dtype=hidden.dtype)``."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if inputs_embeds is not None:
+            if inputs_embeds.shape[:-1] != input_ids.shape:
+                raise ValueError(f"inputs_embeds: shape {tuple(inputs_embeds.shape)} does not match input_ids "
+                                 f"{tuple(input_ids.shape)} + [E]")
+            kwargs["inputs_embeds"] = inputs_embeds
+            del kwargs["input_ids"]
         if position_ids is not None:
             if not self._accepts_position_ids:
-                raise UnsupportedModelError(f"{type(self.backbone).__name__}.forward takes no position_ids")
+                raise UnsupportedModelError(f"{type(self.causal_lm).__name__}.forward takes no position_ids")
             kwargs["position_ids"] = position_ids
-        out = self.backbone(**kwargs)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        capture = self._capture
+        capture.hidden, capture.autocast = None, None
+        capture.active = True
+        try:
+            if self.through_model:
+                kwargs["logits_to_keep"] = input_ids.new_empty(0)  # an empty index: zero rows reach the lm_head
+                self.model(**kwargs)
+            else:
+                self.backbone(**kwargs)
+            hidden, autocast = capture.hidden, capture.autocast
+        finally:
+            capture.active = False
+            capture.hidden, capture.autocast = None, None
+        if hidden is None:
+            raise UnsupportedModelError(
+                f"{type(self.causal_lm).__name__}.forward did not call its backbone {type(self.backbone).__name__}; "
+                "cannot capture its final hidden states")
+        if autocast is not None and hidden.dtype.is_floating_point and hidden.dtype != autocast:
+            hidden = hidden.to(autocast)
+        return hidden
 
-    def _inputs(self, input_ids, labels, attention_mask, position_ids, seq_ids):
+    # -- argument handling ----------------------------------------------------------------------
+
+    def _prepare(self, input_ids, args, labels, attention_mask, position_ids, seq_ids, num_seqs, label_shift,
+                 caller):
+        if args:
+            raise TypeError(
+                f"FusedCausalLM.{caller}: everything after input_ids is keyword-only "
+                f"({', '.join(k + '=' for k in _FORWARD_KEYWORDS[:3])}...), got {len(args)} more positional "
+                "argument(s); Hugging Face's order (input_ids, attention_mask, labels) and fastpref's old one "
+                "(input_ids, labels, attention_mask) are too easy to confuse")
+        if labels is None:
+            raise TypeError(f"FusedCausalLM.{caller}: labels= is required")
+        if label_shift not in LABEL_SHIFTS:
+            raise ValueError(f"label_shift: expected 'hf' (labels like input_ids, shifted here) or 'none' "
+                             f"(already aligned with the hidden states), got {label_shift!r}")
         if input_ids.shape != labels.shape:
             raise ValueError(f"labels: shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
         if seq_ids is not None:
@@ -253,56 +418,125 @@ class FusedCausalLM(nn.Module):
                 raise ValueError("position_ids: required for a packed batch (restarting at 0 per sequence)")
             if attention_mask is not None:
                 raise ValueError("attention_mask: must be None for a packed batch (position_ids delimit sequences)")
+            if num_seqs is None:
+                raise ValueError("num_seqs: required with seq_ids (avoids a host sync)")
             seq_ids = seq_ids.reshape(-1)
+        elif num_seqs is not None:
+            raise ValueError("num_seqs: only for a packed batch (with seq_ids)")
+        self._check_labels(input_ids, labels, seq_ids, label_shift)
+        if seq_ids is not None:
             flat = labels.reshape(-1)
-            same = seq_ids[1:] == seq_ids[:-1]
-            shifted = torch.cat([torch.where(same, flat[1:], torch.full_like(flat[1:], IGNORE_INDEX)),
-                                 flat.new_full((1,), IGNORE_INDEX)])
-            return attention_mask, position_ids, shifted, seq_ids
-        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-        if position_ids is None and attention_mask is not None and self._accepts_position_ids:
+            if label_shift == "hf":
+                same = seq_ids[1:] == seq_ids[:-1]
+                flat = torch.cat([torch.where(same, flat[1:], torch.full_like(flat[1:], IGNORE_INDEX)),
+                                  flat.new_full((1,), IGNORE_INDEX)])
+            return attention_mask, position_ids, flat, seq_ids
+        shifted = labels
+        if label_shift == "hf":
+            shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2 \
+                and self._accepts_position_ids:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         return attention_mask, position_ids, shifted, None
 
-    def forward(self, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None, seq_ids: Optional[Tensor] = None,
-                num_seqs: Optional[int] = None, output: str = "logps", return_token_logps: bool = False):
-        if output not in ("logps", "hidden", "naive"):
-            raise ValueError(f"output: expected 'logps', 'hidden' or 'naive', got {output!r}")
-        attention_mask, position_ids, shifted, seq_ids = self._inputs(
-            input_ids, labels, attention_mask, position_ids, seq_ids)
-        if seq_ids is not None and num_seqs is None:
-            raise ValueError("num_seqs: required with seq_ids (avoids a host sync)")
-        if output == "naive":
-            return self._naive_logps(input_ids, shifted, attention_mask, position_ids, seq_ids, num_seqs,
-                                     return_token_logps)
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+    def _check_labels(self, input_ids, labels, seq_ids, label_shift):
+        if not self.check_labels or torch.compiler.is_compiling():
+            return
+        if labels.device.type != "cpu" and self._checked_calls >= 4:
+            return
+        self._checked_calls += 1
+        ids, lab = input_ids.reshape(input_ids.shape[0], -1), labels.reshape(labels.shape[0], -1)
+        scored = lab != IGNORE_INDEX
+        as_hf = bool(((lab == ids) | ~scored).all())
+        if seq_ids is None:
+            as_aligned = bool(((lab[:, :-1] == ids[:, 1:]) | ~scored[:, :-1]).all()) and not bool(scored[:, -1].any())
+        else:
+            same = (seq_ids[1:] == seq_ids[:-1])[None]
+            as_aligned = (bool(((lab[:, :-1] == ids[:, 1:]) & same | ~scored[:, :-1]).all())
+                          and not bool(scored[:, -1].any()))
+        ok = as_hf if label_shift == "hf" else as_aligned
+        if ok:
+            return
+        if label_shift == "hf":
+            msg = ("labels: with label_shift='hf' every scored label must equal input_ids at the same position "
+                   "(Hugging Face's convention; the wrapper shifts)")
+            hint = ("; these labels look already shifted (labels[t] == input_ids[t+1]): pass label_shift='none'"
+                    if as_aligned else "")
+        else:
+            msg = ("labels: with label_shift='none' every scored label must equal the next input id "
+                   "(labels[t] == input_ids[t+1], within one sequence; the last position -100)")
+            hint = ("; these labels look unshifted (labels[t] == input_ids[t]): pass label_shift='hf'"
+                    if as_hf else "")
+        raise ValueError(msg + hint + " (check_labels=False skips this check)")
+
+    def _hidden_output(self, input_ids, attention_mask, position_ids, shifted, seq_ids, num_seqs,
+                       inputs_embeds=None) -> HiddenOutput:
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds=inputs_embeds)
         if seq_ids is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1])
-        weight, bias = self.head()
-        if bias is not None and bias.dtype != hidden.dtype:
-            bias = bias.to(hidden.dtype)
-        out = HiddenOutput(hidden, shifted, weight, bias, seq_ids, num_seqs if seq_ids is not None else None,
-                           self.temperature)
-        if output == "hidden":
-            return out
+        weight, bias = self.head(dtype=hidden.dtype)
+        return HiddenOutput(hidden, shifted, weight, bias, seq_ids, num_seqs if seq_ids is not None else None,
+                            self.temperature)
+
+    # -- public calls ---------------------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, *args, labels: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                seq_ids: Optional[Tensor] = None, num_seqs: Optional[int] = None, label_shift: str = "hf",
+                return_token_logps: bool = False, inputs_embeds: Optional[Tensor] = None,
+                output: Optional[str] = None) -> SequenceLogpsOutput:
+        """Fused per-sequence log-probs: :class:`~fastpref.SequenceLogpsOutput` with ``logps`` [S] fp32,
+        ``counts`` [S] int64 (and ``token_logps`` shaped like the aligned labels when requested).
+
+        ``output=`` is deprecated: ``"hidden"`` is :meth:`hidden`, ``"naive"`` is :meth:`naive_logps`."""
+        if output is not None and output != "logps":
+            if output not in ("hidden", "naive"):
+                raise ValueError(f"output: expected 'logps', 'hidden' or 'naive', got {output!r}")
+            replacement = "hidden" if output == "hidden" else "naive_logps"
+            warnings.warn(f"FusedCausalLM(..., output={output!r}) is deprecated; call .{replacement}(...) instead",
+                          DeprecationWarning, stacklevel=2)
+            method = self.hidden if output == "hidden" else self.naive_logps
+            kw = {} if output == "hidden" else {"return_token_logps": return_token_logps}
+            return method(input_ids, *args, labels=labels, attention_mask=attention_mask,
+                          position_ids=position_ids, seq_ids=seq_ids, num_seqs=num_seqs, label_shift=label_shift,
+                          inputs_embeds=inputs_embeds, **kw)
+        attention_mask, position_ids, shifted, seq_ids = self._prepare(
+            input_ids, args, labels, attention_mask, position_ids, seq_ids, num_seqs, label_shift, "forward")
+        out = self._hidden_output(input_ids, attention_mask, position_ids, shifted, seq_ids, num_seqs, inputs_embeds)
         return sequence_logps(out.hidden, out.weight, out.labels, bias=out.bias, temperature=out.temperature,
                               **out.packing, return_token_logps=return_token_logps, backend=self.backend,
                               chunk_bytes=self.chunk_bytes)
 
-    def _naive_logps(self, input_ids, shifted, attention_mask, position_ids, seq_ids, num_seqs,
-                     return_token_logps) -> SequenceLogpsOutput:
-        """The usual way: the model's own forward materialises ``[S, T, V]`` logits, then
-        ``log_softmax`` in fp32 and a gather (what TRL's ``concatenated_forward`` does)."""
+    def hidden(self, input_ids: Tensor, *args, labels: Optional[Tensor] = None,
+               attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+               seq_ids: Optional[Tensor] = None, num_seqs: Optional[int] = None,
+               label_shift: str = "hf", inputs_embeds: Optional[Tensor] = None) -> HiddenOutput:
+        """The fused op's inputs for this batch (same arguments as :meth:`forward`): final hidden states,
+        labels aligned with them, the head weight/bias and packing info."""
+        attention_mask, position_ids, shifted, seq_ids = self._prepare(
+            input_ids, args, labels, attention_mask, position_ids, seq_ids, num_seqs, label_shift, "hidden")
+        return self._hidden_output(input_ids, attention_mask, position_ids, shifted, seq_ids, num_seqs,
+                                   inputs_embeds)
+
+    def naive_logps(self, input_ids: Tensor, *args, labels: Optional[Tensor] = None,
+                    attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                    seq_ids: Optional[Tensor] = None, num_seqs: Optional[int] = None, label_shift: str = "hf",
+                    return_token_logps: bool = False, inputs_embeds: Optional[Tensor] = None) -> SequenceLogpsOutput:
+        """The same log-probs the usual way: the model's own forward materialises ``[S, T, V]`` logits,
+        then ``log_softmax`` in fp32 and a gather (what TRL's ``concatenated_forward`` does)."""
+        attention_mask, position_ids, shifted, seq_ids = self._prepare(
+            input_ids, args, labels, attention_mask, position_ids, seq_ids, num_seqs, label_shift, "naive_logps")
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if inputs_embeds is not None:
+            kwargs["inputs_embeds"] = inputs_embeds
+            del kwargs["input_ids"]
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         logits = self.model(**kwargs).logits
         logits = logits.reshape(-1, logits.shape[-1]) if seq_ids is not None else logits
-        labels = shifted
-        mask = labels != IGNORE_INDEX
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        mask = shifted != IGNORE_INDEX
+        logp = torch.log_softmax(logits.float(), dim=-1)  # the model's logits already carry its scale
+        tok = logp.gather(-1, shifted.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         tok = torch.where(mask, tok, torch.zeros_like(tok))  # padding rows may hold NaN
         if seq_ids is None:
             logps, counts = tok.sum(-1), mask.sum(-1)
@@ -312,9 +546,13 @@ class FusedCausalLM(nn.Module):
         return SequenceLogpsOutput(logps, counts, tok if return_token_logps else None)
 
     def logps(self, batch: Dict[str, Tensor], *, prefix: str = "", output: str = "logps") -> SequenceLogpsOutput:
-        """Log-probs of a collated batch (see :mod:`fastpref.hf.data`); ``prefix="kl_"`` selects KTO's
-        mismatched KL sequences."""
-        return self(**model_inputs(batch, prefix), output=output)
+        """Log-probs of a collated batch (see :mod:`fastpref.hf.data`; its labels are Hugging Face-style);
+        ``prefix="kl_"`` selects KTO's mismatched KL sequences; ``output="naive"`` uses the model's own
+        logits."""
+        if output not in ("logps", "naive"):
+            raise ValueError(f"output: expected 'logps' or 'naive', got {output!r}")
+        inputs = model_inputs(batch, prefix)
+        return self.naive_logps(**inputs) if output == "naive" else self(**inputs)
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -333,8 +571,8 @@ class FusedCausalLM(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            fused = self(input_ids, labels, mask, return_token_logps=True).token_logps
-            naive = self(input_ids, labels, mask, output="naive", return_token_logps=True).token_logps
+            fused = self(input_ids, labels=labels, attention_mask=mask, return_token_logps=True).token_logps
+            naive = self.naive_logps(input_ids, labels=labels, attention_mask=mask, return_token_logps=True).token_logps
         finally:
             self.train(was_training)
         err = float((fused - naive).abs().max())
@@ -349,8 +587,23 @@ class FusedCausalLM(nn.Module):
         return err
 
 
+def _gathered(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A sharded (FSDP2 / DTensor) parameter as the full tensor its module's forward would use; the
+    gradient comes back averaged over the mesh (FSDP's convention)."""
+    if t is None:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor, Partial
+    except ImportError:  # torch built without distributed
+        return t
+    if isinstance(t, DTensor):
+        return t.full_tensor(grad_placements=[Partial("avg")] * t.device_mesh.ndim)
+    return t
+
+
 def model_inputs(batch: Dict[str, Tensor], prefix: str = "") -> Dict[str, object]:
-    """The :meth:`FusedCausalLM.forward` arguments found in a collated batch."""
+    """The :meth:`FusedCausalLM.forward` keyword arguments found in a collated batch (labels are
+    Hugging Face-style, as :class:`~fastpref.hf.PreferenceCollator` makes them)."""
     out = {"input_ids": batch[prefix + "input_ids"], "labels": batch[prefix + "labels"]}
     for key in ("attention_mask", "position_ids", "seq_ids", "num_seqs"):
         if prefix + key in batch:

@@ -129,15 +129,70 @@ def check_logps(name: str, value, *, batch: Optional[int] = None, allow_nan: boo
     return value
 
 
-def check_counts(name: str, value, batch: int) -> Tensor:
-    """Token counts [B] (integer or floating)."""
+def check_counts(name: str, value, batch: int, *, min_count: int = 0, why: str = "") -> Tensor:
+    """Token counts [B] (integer or floating), each ``>= min_count`` (one host sync)."""
     if not isinstance(value, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if value.dim() != 1 or value.shape[0] != batch:
         raise ValueError(f"{name}: expected shape ({batch},), got {tuple(value.shape)}")
     if value.dtype == torch.bool or value.is_complex():
         raise TypeError(f"{name}: expected integer or floating token counts, got {value.dtype}")
+    low = value.detach() < min_count
+    if value.dtype.is_floating_point:
+        low = low | torch.isnan(value.detach())
+    if bool(low.any()):
+        bad = value.detach()[low][0].item()
+        raise ValueError(f"{name}: {why}token counts must be >= {min_count}, got {bad}")
     return value
+
+
+def check_batch(name: str, value, *, batch: Optional[int] = None, allow_nan: bool = True) -> Tensor:
+    """:func:`check_logps` for the first input of a loss: the batch must not be empty (the error the
+    fused op gives, rather than a NaN mean)."""
+    value = check_logps(name, value, batch=batch, allow_nan=allow_nan)
+    if value.shape[0] == 0:
+        raise ValueError(f"{name}: empty batch (shape {tuple(value.shape)})")
+    return value
+
+
+def check_pair_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None,
+                     *, reference: bool = False, missing_ref: str = "required"):
+    """The preamble of every paired loss: ``(pc, pr, rc, rr, B)``, policy sums [B] (non-empty) and,
+    with ``reference``, the reference sums [B] (no NaN; ``missing_ref`` completes the error when one
+    is None). Without ``reference`` rc and rr are None."""
+    pc = check_batch("policy_chosen_logps", policy_chosen_logps)
+    B = pc.shape[0]
+    pr = check_logps("policy_rejected_logps", policy_rejected_logps, batch=B)
+    rc = rr = None
+    if reference:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            missing = "ref_chosen_logps" if ref_chosen_logps is None else "ref_rejected_logps"
+            raise ValueError(f"{missing}: {missing_ref}")
+        rc = check_logps("ref_chosen_logps", ref_chosen_logps, batch=B, allow_nan=False)
+        rr = check_logps("ref_rejected_logps", ref_rejected_logps, batch=B, allow_nan=False)
+    return pc, pr, rc, rr, B
+
+
+def check_count_pair(chosen_counts, rejected_counts, B: int, *, both_or_neither: bool = False):
+    """``(chosen_counts, rejected_counts)``, each None or checked [B] counts; with
+    ``both_or_neither`` one without the other is an error."""
+    if both_or_neither and (chosen_counts is None) != (rejected_counts is None):
+        missing = "chosen_counts" if chosen_counts is None else "rejected_counts"
+        raise ValueError(f"{missing}: pass both token counts or neither")
+    if chosen_counts is not None:
+        chosen_counts = check_counts("chosen_counts", chosen_counts, B)
+    if rejected_counts is not None:
+        rejected_counts = check_counts("rejected_counts", rejected_counts, B)
+    return chosen_counts, rejected_counts
+
+
+def check_pointwise_logps(policy_logps, ref_logps):
+    """The preamble of every point-wise loss: ``(pol, ref, B)``, policy sums [B] (non-empty) and
+    reference sums [B] (no NaN)."""
+    pol = check_batch("policy_logps", policy_logps)
+    B = pol.shape[0]
+    ref = check_logps("ref_logps", ref_logps, batch=B, allow_nan=False)
+    return pol, ref, B
 
 
 def check_same_device(**tensors: Optional[Tensor]) -> None:

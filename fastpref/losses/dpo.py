@@ -1,5 +1,5 @@
 """The DPO family on per-sequence log-probs, as huggingface/trl v0.24.0 ``DPOTrainer`` computes it
-(METHODS.md §1.1-§1.2): every ``loss_type``, weighted mixes, reference-free mode, RPO's NLL term and
+(docs/methods.md#dpo-family): every ``loss_type``, weighted mixes, reference-free mode, RPO's NLL term and
 the f-divergence variants."""
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from fastpref.losses._common import (
     all_gather_detached,
     as_loss_types,
     check_choice,
+    check_count_pair,
     check_counts,
-    check_logps,
+    check_pair_logps,
     check_nonneg,
     check_positive,
     check_real,
@@ -84,7 +85,7 @@ def dpo_loss(
     group=None,
 ) -> PreferenceLossOutput:
     r"""DPO-family loss over B pairs (TRL v0.24.0 ``DPOTrainer.dpo_loss`` + ``get_batch_loss_metrics``;
-    METHODS.md §1.1-§1.2).
+    docs/methods.md#dpo-family).
 
     Inputs are per-sequence **sums** of response-token log-probs, ``[B]`` each (policy: differentiable;
     reference: treated as constants). Pass ``chosen_counts``/``rejected_counts`` ([B] response-token
@@ -139,9 +140,9 @@ def dpo_loss(
     quantities and are not part of this function.
     """
     types = as_loss_types(loss_type, DPO_LOSS_TYPES)
-    pc = check_logps("policy_chosen_logps", policy_chosen_logps)
-    B = pc.shape[0]
-    pr = check_logps("policy_rejected_logps", policy_rejected_logps, batch=B)
+    pc, pr, rc, rr, B = check_pair_logps(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                         ref_rejected_logps, reference=not reference_free,
+                                         missing_ref="required unless reference_free=True")
     beta = check_positive("beta", beta)
     eps = check_real("label_smoothing", label_smoothing)
     if not 0.0 <= eps <= 1.0:
@@ -166,18 +167,7 @@ def dpo_loss(
     if rpo_alpha is not None:
         rpo_alpha = check_nonneg("rpo_alpha", rpo_alpha)
 
-    if reference_free:
-        rc = rr = None
-    else:
-        if ref_chosen_logps is None or ref_rejected_logps is None:
-            missing = "ref_chosen_logps" if ref_chosen_logps is None else "ref_rejected_logps"
-            raise ValueError(f"{missing}: required unless reference_free=True")
-        rc = check_logps("ref_chosen_logps", ref_chosen_logps, batch=B, allow_nan=False)
-        rr = check_logps("ref_rejected_logps", ref_rejected_logps, batch=B, allow_nan=False)
-    if chosen_counts is not None:
-        chosen_counts = check_counts("chosen_counts", chosen_counts, B)
-    if rejected_counts is not None:
-        rejected_counts = check_counts("rejected_counts", rejected_counts, B)
+    chosen_counts, rejected_counts = check_count_pair(chosen_counts, rejected_counts, B)
     check_same_device(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc,
                       ref_rejected_logps=rr, chosen_counts=chosen_counts, rejected_counts=rejected_counts)
 
@@ -193,6 +183,9 @@ def dpo_loss(
     if average and (chosen_counts is None or rejected_counts is None):
         missing = "chosen_counts" if chosen_counts is None else "rejected_counts"
         raise ValueError(f"{missing}: 'ipo' length-averages both sides; pass both counts or neither")
+    if average:  # a 0 count would silently average a sum over no tokens
+        check_counts("chosen_counts", chosen_counts, B, min_count=1, why="'ipo' length-averages: ")
+        check_counts("rejected_counts", rejected_counts, B, min_count=1, why="'ipo' length-averages: ")
     c_counts = chosen_counts if average else None
     r_counts = rejected_counts if average else None
     pc = per_token(pc, c_counts, dtype)

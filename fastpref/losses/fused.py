@@ -2,63 +2,20 @@
 ``hidden + lm_head weight + labels (+ reference) -> loss``, never materialising ``[B, T, V]`` logits."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from fastpref.losses._common import (
-    BCOState,
-    PointwiseLossOutput,
-    PreferenceLossOutput,
-    as_loss_types,
-    check_logps,
-)
-from fastpref.losses.dpo import DPO_LOSS_TYPES, dpo_loss
-from fastpref.losses.kto import kto_loss
-from fastpref.losses.orpo import orpo_loss
-from fastpref.losses.robust import drdpo_loss, kldpo_loss, wdpo_loss
-from fastpref.losses.simpo import simpo_loss
-from fastpref.losses.ulma import pointwise_dpo_loss, ulma_loss
+from fastpref.losses._common import PointwiseLossOutput, PreferenceLossOutput, check_logps
+from fastpref.losses.objective import LOSS_NAMES, PreferenceObjective
 from fastpref.ops import sequence_logps
+from fastpref.ops.backends import check_backend_name
+from fastpref.ops.inputs import check_chunk_bytes, check_temperature
 
-PAIRED_LOSSES = DPO_LOSS_TYPES + ("simpo", "orpo", "kldpo", "drdpo", "wdpo")
-POINTWISE_LOSSES = ("kto", "apo_zero_unpaired", "ulma", "pointwise_dpo")
-FUSED_LOSSES = PAIRED_LOSSES + POINTWISE_LOSSES
-_REFERENCE_FREE = ("simpo", "orpo")
-# Arguments the module fills in itself; not accepted as options.
-_MANAGED = {
-    "policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-    "chosen_counts", "rejected_counts", "counts", "policy_logps", "ref_logps", "labels",
-    "policy_kl_logps", "ref_kl_logps", "inputs_embeds", "bco_state", "group", "beta", "dpo_options",
-}
-
-
-def _options_of(fn) -> set:
-    return {n for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY} - _MANAGED
-
-
-_FUNCTIONS = {
-    "dpo": dpo_loss,
-    "simpo": simpo_loss,
-    "orpo": orpo_loss,
-    "kldpo": kldpo_loss,
-    "drdpo": drdpo_loss,
-    "wdpo": wdpo_loss,
-    "kto": kto_loss,
-    "apo_zero_unpaired": kto_loss,
-    "ulma": ulma_loss,
-    "pointwise_dpo": pointwise_dpo_loss,
-}
-_DPO_OPTIONS = _options_of(dpo_loss) | {"loss_type"}
-_ALLOWED = {name: _options_of(fn) for name, fn in _FUNCTIONS.items()}
-for _name in ("kldpo", "drdpo", "wdpo"):
-    _ALLOWED[_name] |= _DPO_OPTIONS
-_ALLOWED["dpo"] -= {"loss_type"}
-_ALLOWED["kto"] -= {"loss_type"}
-_ALLOWED["apo_zero_unpaired"] -= {"loss_type", "z0"}
+#: Deprecated name of :data:`fastpref.losses.LOSS_NAMES` (the names the module accepts).
+FUSED_LOSSES = LOSS_NAMES
 
 
 @dataclass(frozen=True)
@@ -80,10 +37,11 @@ class FusedLossOutput:
     ref_logps: Optional[Tensor] = None
 
 
-class FusedPreferenceLoss(nn.Module):
-    r"""Preference loss straight from final hidden states and the lm_head (fused, chunked log-probs).
+class FusedPreferenceLoss(PreferenceObjective):
+    r"""Preference loss straight from final hidden states and the lm_head: the fused chunked op
+    (:func:`fastpref.ops.sequence_logps`) followed by the :class:`PreferenceObjective` it extends.
 
-    ``loss``: a name from :data:`FUSED_LOSSES` or, for a weighted mix of DPO types, a list of them
+    ``loss``: a name from :data:`LOSS_NAMES` or, for a weighted mix of DPO types, a list of them
     (with ``loss_weights=[...]``):
 
     * paired (``layout == "paired"``): every DPO type of :func:`dpo_loss` (``sigmoid``, ``ipo``, ...),
@@ -92,17 +50,17 @@ class FusedPreferenceLoss(nn.Module):
     * point-wise (``layout == "pointwise"``): ``kto``, ``apo_zero_unpaired``, ``ulma``,
       ``pointwise_dpo``; ``forward`` needs ``sample_labels`` [S].
 
-    ``beta`` and ``**options`` go to the loss function (validated here; e.g. ``label_smoothing``,
-    ``loss_weights``, ``reference_free``, ``rpo_alpha`` for the DPO family; ``gamma``, ``cpo_alpha``
-    for SimPO; ``tau``, ``clip`` and a base ``loss_type`` for KLDPO; ``rho``, ``variant`` for WDPO;
-    ``c``, ``sft_loss_type``, ``preference_loss_type`` for ULMA; ``desirable_weight`` ... for KTO).
-    ``ignore_index``, ``temperature``, ``backend``, ``chunk_bytes`` go to :func:`sequence_logps`.
+    ``beta`` and ``**options`` go to the loss function (validated at construction; e.g.
+    ``label_smoothing``, ``loss_weights``, ``reference_free``, ``rpo_alpha`` for the DPO family;
+    ``gamma``, ``cpo_alpha`` for SimPO; ``tau``, ``clip`` and a base ``loss_type`` for KLDPO; ``rho``,
+    ``variant`` for WDPO; ``c``, ``sft_loss_type``, ``preference_loss_type`` for ULMA;
+    ``desirable_weight`` ... for KTO). ``ignore_index``, ``temperature``, ``backend``, ``chunk_bytes``
+    go to :func:`sequence_logps` (also checked at construction).
 
     The loss sees per-sequence **sums** and token counts from the op, so methods that length-average
-    (IPO, SimPO, ORPO, ULMA) do so exactly as their functional form documents.
-
-    ``bco_pair`` keeps its running mean in the buffers ``bco_mean``/``bco_count`` (saved with the
-    state dict), updated only in training mode.
+    (IPO, SimPO, ORPO, ULMA) do so exactly as their functional form documents. The state dict (the
+    ``bco_pair`` running mean ``bco_mean``/``bco_count``) is the objective's. Callers that already
+    have log-prob sums use :class:`PreferenceObjective` directly.
     """
 
     def __init__(
@@ -116,99 +74,18 @@ class FusedPreferenceLoss(nn.Module):
         chunk_bytes: Optional[int] = None,
         **options,
     ):
-        super().__init__()
-        if isinstance(loss, str) and loss in FUSED_LOSSES and loss not in DPO_LOSS_TYPES:
-            self.kind = loss
-            self.loss_types = (loss,)
-        else:
-            try:
-                self.loss_types = as_loss_types(loss, DPO_LOSS_TYPES, name="loss")
-            except ValueError:
-                raise ValueError(
-                    f"loss: unknown loss {loss!r}; expected one of {', '.join(FUSED_LOSSES)} "
-                    "(or a list of DPO loss types for a weighted mix)"
-                ) from None
-            self.kind = "dpo"
-        unknown = sorted(set(options) - _ALLOWED[self.kind])
-        if unknown:
-            raise TypeError(
-                f"{unknown[0]}: not an option of loss {self.kind!r}; "
-                f"expected some of {', '.join(sorted(_ALLOWED[self.kind]))}"
-            )
-        self.beta = beta
-        self.options = dict(options)
+        # The op's options fail here, not at the first batch (the op checks them again per call).
+        check_temperature(temperature)
+        check_backend_name(backend)
+        if chunk_bytes is not None:
+            check_chunk_bytes(chunk_bytes)
+        super().__init__(loss, beta=beta, **options)
         self.op_options = {"ignore_index": ignore_index, "temperature": temperature, "backend": backend}
         if chunk_bytes is not None:
             self.op_options["chunk_bytes"] = chunk_bytes
-        self.layout = "pointwise" if self.kind in POINTWISE_LOSSES else "paired"
-        self.register_buffer("bco_mean", torch.zeros(()), persistent=True)
-        self.register_buffer("bco_count", torch.zeros(()), persistent=True)
-        # Fail at construction, not at the first batch, for bad hyper-parameters.
-        self._probe()
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.kind not in _REFERENCE_FREE and not self.options.get("reference_free", False)
-
-    @property
-    def uses_bco(self) -> bool:
-        if self.kind == "dpo":
-            return "bco_pair" in self.loss_types
-        if self.kind in ("kldpo", "drdpo", "wdpo"):
-            return "bco_pair" in as_loss_types(self.options.get("loss_type", "sigmoid"), DPO_LOSS_TYPES)
-        return False
-
-    def _probe(self) -> None:
-        """Run the loss once on tiny constant inputs so bad options raise here."""
-        x = torch.zeros(2, requires_grad=self.kind == "wdpo")
-        n = torch.ones(2, dtype=torch.long)
-        if self.layout == "paired":
-            embeds = x if self.kind == "wdpo" else None
-            self._paired(x[:1], x[1:], x[:1].detach(), x[1:].detach(), n[:1], n[1:], embeds, None)
-        else:
-            z = torch.tensor([1, 0])
-            self._pointwise(x, x, n, z, None, None, z0=0.0)
-
-    def _paired(self, pc, pr, rc, rr, cc, rcnt, inputs_embeds, group):
-        kw = dict(self.options)
-        if self.kind == "simpo":
-            return simpo_loss(pc, pr, cc, rcnt, beta=self.beta, **kw)
-        if self.kind == "orpo":
-            return orpo_loss(pc, pr, cc, rcnt, beta=self.beta, **kw)
-        if self.uses_bco:
-            kw["bco_state"] = BCOState(self.bco_mean, self.bco_count)
-        if self.kind == "dpo":
-            return dpo_loss(pc, pr, rc, rr, beta=self.beta, loss_type=list(self.loss_types),
-                            chosen_counts=cc, rejected_counts=rcnt, group=group, **kw)
-        if self.kind == "kldpo":
-            return kldpo_loss(pc, pr, rc, rr, beta=self.beta, chosen_counts=cc, rejected_counts=rcnt,
-                              group=group, **kw)
-        if self.kind == "drdpo":
-            return drdpo_loss(pc, pr, rc, rr, beta=self.beta, chosen_counts=cc, rejected_counts=rcnt,
-                              group=group, **kw)
-        if inputs_embeds is None:
-            raise ValueError("inputs_embeds: loss 'wdpo' needs the input embeddings the hidden states came from")
-        return wdpo_loss(pc, pr, rc, rr, inputs_embeds, beta=self.beta, chosen_counts=cc,
-                         rejected_counts=rcnt, group=group, **kw)
-
-    def _pointwise(self, logps, ref, counts, sample_labels, kl_pair, group, z0=None):
-        kw = dict(self.options)
-        if self.kind in ("kto", "apo_zero_unpaired"):
-            pkl, rkl = kl_pair if kl_pair is not None else (None, None)
-            if z0 is not None and self.kind == "kto":
-                kw.setdefault("z0", z0)
-            return kto_loss(logps, ref, sample_labels, pkl, rkl, beta=self.beta, loss_type=self.kind,
-                            group=group, **kw)
-        fn = ulma_loss if self.kind == "ulma" else pointwise_dpo_loss
-        return fn(logps, ref, sample_labels, counts, beta=self.beta, **kw)
 
     def _logps(self, hidden, weight, labels, bias, packing):
         return sequence_logps(hidden, weight, labels, bias=bias, **packing, **self.op_options)
-
-    def extra_repr(self) -> str:
-        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        loss = self.loss_types[0] if self.kind != "dpo" or len(self.loss_types) == 1 else list(self.loss_types)
-        return f"loss={loss!r}, beta={self.beta}, layout={self.layout!r}{opts}"
 
     def _reference(self, name, logps, hidden, weight, bias, labels, packing, num_seqs, default_weight,
                    default_bias):
@@ -287,33 +164,21 @@ class FusedPreferenceLoss(nn.Module):
                 raise ValueError(f"ref_logps: loss {self.kind!r} is reference-free; pass no reference")
             ref = None
 
-        if self.layout == "paired":
-            if sample_labels is not None:
-                raise ValueError(f"sample_labels: loss {self.kind!r} is paired (chosen rows then rejected rows)")
-            if S % 2:
-                raise ValueError(
-                    f"hidden: the paired layout needs an even number of sequences (chosen then rejected), got {S}"
-                )
-            B = S // 2
-            rc, rr = (None, None) if ref is None else (ref[:B], ref[B:])
-            metrics = self._paired(logps[:B], logps[B:], rc, rr, counts[:B], counts[B:], inputs_embeds, group)
-            if self.training and metrics.bco_state is not None:
-                self.bco_mean.copy_(metrics.bco_state.mean)
-                self.bco_count.copy_(metrics.bco_state.count)
-        else:
-            if sample_labels is None:
-                raise ValueError(f"sample_labels: loss {self.kind!r} is point-wise and needs per-sample labels [S]")
-            kl_pair = None
-            if self.kind == "kto":
-                kl_pair = self._kto_kl(kl_hidden, kl_labels, ref_kl_hidden, policy_kl_logps, ref_kl_logps,
-                                       weight, bias, ref_weight, ref_bias)
-            metrics = self._pointwise(logps, ref, counts, sample_labels, kl_pair, group)
-        return FusedLossOutput(metrics.loss, metrics, logps.detach(), counts, None if ref is None else ref.detach())
+        if self.layout == "paired" and S % 2:
+            raise ValueError(
+                f"hidden: the paired layout needs an even number of sequences (chosen then rejected), got {S}"
+            )
+        kl_logps = ref_kl = None
+        if self.layout == "pointwise" and sample_labels is not None and self.needs_kl:
+            kl_logps, ref_kl = self._kto_kl(kl_hidden, kl_labels, ref_kl_hidden, policy_kl_logps, ref_kl_logps,
+                                            weight, bias, ref_weight, ref_bias)
+        out = PreferenceObjective.forward(self, logps, counts=counts, ref_logps=ref, sample_labels=sample_labels,
+                                          kl_logps=kl_logps, ref_kl_logps=ref_kl, inputs_embeds=inputs_embeds,
+                                          group=group)
+        return FusedLossOutput(out.loss, out.details, logps.detach(), counts, None if ref is None else ref.detach())
 
     def _kto_kl(self, kl_hidden, kl_labels, ref_kl_hidden, policy_kl_logps, ref_kl_logps, weight, bias,
                 ref_weight, ref_bias):
-        if "z0" in self.options:
-            return None
         if (kl_hidden is None) == (policy_kl_logps is None):
             raise ValueError("kl_hidden: KTO needs exactly one of kl_hidden (+ kl_labels) or policy_kl_logps")
         no_packing = {"seq_ids": None, "cu_seqlens": None, "num_seqs": None}

@@ -1,5 +1,5 @@
 """KTO on unpaired, labelled samples, as huggingface/trl v0.24.0 ``KTOTrainer.kto_loss`` computes it
-(METHODS.md §1.5)."""
+(docs/methods.md#kto)."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -12,6 +12,7 @@ from fastpref.losses._common import (
     all_gather_detached,
     check_choice,
     check_logps,
+    check_pointwise_logps,
     check_nonneg,
     check_positive,
     check_same_device,
@@ -50,7 +51,7 @@ def kto_loss(
     z0: Optional[Union[float, Tensor]] = None,
     group=None,
 ) -> PointwiseLossOutput:
-    r"""KTO over B unpaired samples (TRL v0.24.0 ``KTOTrainer``; METHODS.md §1.5).
+    r"""KTO over B unpaired samples (TRL v0.24.0 ``KTOTrainer``; docs/methods.md#kto).
 
     Inputs: per-sequence log-prob **sums** [B] of the policy (differentiable) and the reference,
     ``labels`` [B] (True/1 = desirable, False/0 = undesirable), and for ``loss_type="kto"`` the KL
@@ -74,9 +75,7 @@ def kto_loss(
     ``kl = z0``).
     """
     loss_type = check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
-    pol = check_logps("policy_logps", policy_logps)
-    B = pol.shape[0]
-    ref = check_logps("ref_logps", ref_logps, batch=B, allow_nan=False)
+    pol, ref, B = check_pointwise_logps(policy_logps, ref_logps)
     desirable = binary_labels("labels", labels, B)
     beta = check_positive("beta", beta)
     w_d = check_nonneg("desirable_weight", desirable_weight)

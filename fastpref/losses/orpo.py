@@ -1,4 +1,4 @@
-"""ORPO, as huggingface/trl v0.24.0 ``ORPOTrainer`` computes it (METHODS.md §1.4)."""
+"""ORPO, as huggingface/trl v0.24.0 ``ORPOTrainer`` computes it (docs/methods.md#orpo)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,7 +9,8 @@ from torch import Tensor
 
 from fastpref.losses._common import (
     PreferenceLossOutput,
-    check_logps,
+    check_count_pair,
+    check_pair_logps,
     check_positive,
     check_same_device,
     chosen_nll,
@@ -17,7 +18,6 @@ from fastpref.losses._common import (
     pair_metrics,
     per_token,
 )
-from fastpref.losses.simpo import _check_counts_pair
 
 
 def _log_odds(avg_logps: Tensor) -> Tensor:
@@ -33,7 +33,7 @@ def orpo_loss(
     *,
     beta: float = 0.1,
 ) -> PreferenceLossOutput:
-    r"""ORPO over B pairs, reference-free (TRL v0.24.0 ``ORPOTrainer.odds_ratio_loss``; METHODS.md §1.4).
+    r"""ORPO over B pairs, reference-free (TRL v0.24.0 ``ORPOTrainer.odds_ratio_loss``; docs/methods.md#orpo).
 
     Inputs: policy log-prob **sums** [B] and response-token counts [B] (required: ORPO length-averages,
     ``a = logp / n``, and its NLL term is the token-level mean over all chosen tokens,
@@ -47,12 +47,10 @@ def orpo_loss(
     ``nll_loss`` (detached). A response with no tokens (or mean log-prob 0) has infinite log-odds,
     as in TRL.
     """
-    pc = check_logps("policy_chosen_logps", policy_chosen_logps)
-    B = pc.shape[0]
-    pr = check_logps("policy_rejected_logps", policy_rejected_logps, batch=B)
+    pc, pr, _, _, B = check_pair_logps(policy_chosen_logps, policy_rejected_logps)
     if chosen_counts is None:
         raise ValueError("chosen_counts: ORPO needs token counts (length-averaged log-probs and the NLL term)")
-    chosen_counts, rejected_counts = _check_counts_pair(chosen_counts, rejected_counts, B)
+    chosen_counts, rejected_counts = check_count_pair(chosen_counts, rejected_counts, B, both_or_neither=True)
     check_same_device(policy_chosen_logps=pc, policy_rejected_logps=pr, chosen_counts=chosen_counts)
     beta = check_positive("beta", beta)
 

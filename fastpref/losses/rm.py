@@ -1,5 +1,5 @@
 """Pairwise reward-model loss on soft (AI) preference labels (Lee et al., RLAIF, arXiv 2309.00267,
-§2.2.1 / App. G; METHODS.md §5.3)."""
+§2.2.1 / App. G; docs/methods.md#soft-label-rm)."""
 from __future__ import annotations
 
 from typing import Union
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastpref.losses._common import PreferenceLossOutput, check_logps, check_same_device, compute_dtype
+from fastpref.losses._common import PreferenceLossOutput, check_batch, check_logps, check_same_device, compute_dtype
 
 
 def soft_label_rm_loss(
@@ -16,7 +16,7 @@ def soft_label_rm_loss(
     rewards_2: Tensor,
     p: Union[float, Tensor],
 ) -> PreferenceLossOutput:
-    r"""Cross-entropy between the softmax over a pair of RM scores and a soft label (METHODS.md §5.3).
+    r"""Cross-entropy between the softmax over a pair of RM scores and a soft label (docs/methods.md#soft-label-rm).
 
     ``L_i = -[p_i log sigmoid(r1_i - r2_i) + (1 - p_i) log sigmoid(r2_i - r1_i)]``
     ``= p_i softplus(-(r1_i - r2_i)) + (1 - p_i) softplus(r1_i - r2_i)``, ``loss = mean_i L_i``.
@@ -31,7 +31,7 @@ def soft_label_rm_loss(
     side agrees with the label's (``r1 > r2`` and ``p > 0.5``, or ``r1 < r2`` and ``p < 0.5``; ties count
     as disagreement).
     """
-    r1 = check_logps("rewards_1", rewards_1)
+    r1 = check_batch("rewards_1", rewards_1)
     B = r1.shape[0]
     r2 = check_logps("rewards_2", rewards_2, batch=B)
     dtype = compute_dtype(r1, r2)

@@ -1,5 +1,6 @@
 """Distributionally robust DPO variants: KLDPO and WDPO (Xu et al., arXiv 2502.01930) and the
-Dr. DPO baseline their code ships (METHODS.md §4.2-§4.3)."""
+Dr. DPO baseline their code ships (docs/methods.md#kldpo, docs/methods.md#wdpo,
+docs/methods.md#drdpo)."""
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ WDPO_VARIANTS = ("code", "paper")
 
 
 def kldpo_weights(losses: Tensor, *, tau: float = 1.0, clip: float = 10.0, group=None) -> Tensor:
-    r"""KLDPO per-sample weights (official code ``src/kldpo.py``; paper Prop. 2 / Alg. 2; METHODS.md §4.3).
+    r"""KLDPO per-sample weights (official code ``src/kldpo.py``; paper Prop. 2 / Alg. 2; docs/methods.md#kldpo).
 
     ``w_i = min(exp((l_i - mean_j l_j) / tau), clip)``, detached and not renormalised. The mean runs
     over the losses of every rank of ``group`` (detached and all-gathered; ranks may hold different
@@ -52,7 +53,7 @@ def kldpo_loss(
     group=None,
     **dpo_options,
 ) -> PreferenceLossOutput:
-    r"""KLDPO over B pairs (official code ``src/kldpo.py``; METHODS.md §4.3).
+    r"""KLDPO over B pairs (official code ``src/kldpo.py``; docs/methods.md#kldpo).
 
     ``l_i`` = the per-pair DPO loss of :func:`dpo_loss` (same inputs: log-prob **sums** [B]; any
     ``dpo_options`` such as ``loss_type="ipo"`` or ``label_smoothing``; default sigmoid),
@@ -81,7 +82,7 @@ def drdpo_loss(
     beta_prime: float = 1.0,
     **dpo_options,
 ) -> PreferenceLossOutput:
-    r"""Dr. DPO (Wu et al.; the baseline in ``src/drdpo.py`` of the KLDPO/WDPO code; METHODS.md §4.3).
+    r"""Dr. DPO (Wu et al.; the baseline in ``src/drdpo.py`` of the KLDPO/WDPO code; docs/methods.md#drdpo).
 
     ``l_i`` = per-pair DPO loss of :func:`dpo_loss` (same inputs and options),
     ``loss = -b' log(mean_i exp(-l_i / b'))``, computed as ``-b' (logsumexp(-l / b') - log B)``
@@ -126,7 +127,7 @@ def wdpo_penalty(
     *,
     create_graph: bool = True,
 ) -> Tensor:
-    r"""WDPO per-pair gradient penalty (official code ``src/wdpo.py``/``src/actor.py``; METHODS.md §4.2).
+    r"""WDPO per-pair gradient penalty (official code ``src/wdpo.py``/``src/actor.py``; docs/methods.md#wdpo).
 
     ``penalty_i = ||d l_i / d e(chosen_i)||_F^2 + ||d l_i / d e(rejected_i)||_F^2``: squared gradients
     of pair i's loss w.r.t. the input token embeddings (prompt and response positions; padding gives
@@ -169,7 +170,7 @@ def wdpo_loss(
     create_graph: bool = True,
     **dpo_options,
 ) -> PreferenceLossOutput:
-    r"""WDPO over B pairs (METHODS.md §4.2): DPO plus a Wasserstein gradient penalty.
+    r"""WDPO over B pairs (docs/methods.md#wdpo): DPO plus a Wasserstein gradient penalty.
 
     ``l_i`` = per-pair DPO loss of :func:`dpo_loss` (log-prob **sums** [B]; ``dpo_options`` as there,
     sigmoid/cDPO or IPO in the paper's code; loss types that couple pairs, ``aot``, ``aot_pair``,

@@ -1,5 +1,5 @@
 """SimPO (with CPO's optional NLL term), as huggingface/trl v0.24.0 ``CPOTrainer(loss_type="simpo")``
-computes it (METHODS.md §1.3)."""
+computes it (docs/methods.md#simpo)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,8 +9,8 @@ from torch import Tensor
 
 from fastpref.losses._common import (
     PreferenceLossOutput,
-    check_counts,
-    check_logps,
+    check_count_pair,
+    check_pair_logps,
     check_nonneg,
     check_positive,
     check_real,
@@ -20,16 +20,6 @@ from fastpref.losses._common import (
     pair_metrics,
     per_token,
 )
-
-
-def _check_counts_pair(chosen_counts, rejected_counts, B):
-    if (chosen_counts is None) != (rejected_counts is None):
-        missing = "chosen_counts" if chosen_counts is None else "rejected_counts"
-        raise ValueError(f"{missing}: pass both token counts or neither")
-    if chosen_counts is not None:
-        chosen_counts = check_counts("chosen_counts", chosen_counts, B)
-        rejected_counts = check_counts("rejected_counts", rejected_counts, B)
-    return chosen_counts, rejected_counts
 
 
 def simpo_loss(
@@ -44,7 +34,7 @@ def simpo_loss(
     cpo_alpha: float = 0.0,
 ) -> PreferenceLossOutput:
     r"""SimPO over B pairs, reference-free (TRL v0.24.0 ``CPOTrainer``, ``loss_type="simpo"``;
-    METHODS.md §1.3).
+    docs/methods.md#simpo).
 
     Inputs: policy log-prob **sums** [B] with their response-token counts [B]; SimPO length-averages,
     ``a = logp / n``. Without counts the inputs are taken as per-token means already.
@@ -61,10 +51,8 @@ def simpo_loss(
     Returns :class:`PreferenceLossOutput`: ``per_sample_loss = L`` [B], rewards ``b * a_w`` and
     ``b * a_l`` (detached, as TRL logs them), ``nll_loss`` when ``cpo_alpha != 0``.
     """
-    pc = check_logps("policy_chosen_logps", policy_chosen_logps)
-    B = pc.shape[0]
-    pr = check_logps("policy_rejected_logps", policy_rejected_logps, batch=B)
-    chosen_counts, rejected_counts = _check_counts_pair(chosen_counts, rejected_counts, B)
+    pc, pr, _, _, B = check_pair_logps(policy_chosen_logps, policy_rejected_logps)
+    chosen_counts, rejected_counts = check_count_pair(chosen_counts, rejected_counts, B, both_or_neither=True)
     check_same_device(policy_chosen_logps=pc, policy_rejected_logps=pr, chosen_counts=chosen_counts)
     beta = check_positive("beta", beta)
     gamma = check_real("gamma", gamma)

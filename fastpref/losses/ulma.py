@@ -1,5 +1,5 @@
 """ULMA (Cai et al., arXiv 2312.02554): point-wise DPO and the unified SFT + point-wise preference
-loss, as the official code computes them (METHODS.md §2.2-§2.3)."""
+loss, as the official code computes them (docs/methods.md#ulma)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +12,7 @@ from fastpref.losses._common import (
     PointwiseLossOutput,
     check_choice,
     check_counts,
-    check_logps,
+    check_pointwise_logps,
     check_positive,
     check_real,
     check_same_device,
@@ -38,7 +38,7 @@ def ulma_loss(
     preference_loss_type: str = "binary",
 ) -> PointwiseLossOutput:
     r"""ULMA unified loss over B point-wise samples (official ULMA code ``ulma/trainer.py``;
-    METHODS.md §2.3).
+    docs/methods.md#ulma-unified).
 
     Inputs: per-sequence log-prob **sums** [B] of the policy (differentiable) and the reference, the
     response-token ``counts`` [B] and per-sample ``labels`` [B] (``z``). ULMA averages log-probs per
@@ -66,9 +66,7 @@ def ulma_loss(
     """
     sft_loss_type = check_choice("sft_loss_type", sft_loss_type, ULMA_SFT_LOSS_TYPES)
     preference_loss_type = check_choice("preference_loss_type", preference_loss_type, ULMA_PREFERENCE_LOSS_TYPES)
-    pol = check_logps("policy_logps", policy_logps)
-    B = pol.shape[0]
-    ref = check_logps("ref_logps", ref_logps, batch=B, allow_nan=False)
+    pol, ref, B = check_pointwise_logps(policy_logps, ref_logps)
     if counts is not None:
         counts = check_counts("counts", counts, B)
     beta = check_positive("beta", beta)
@@ -133,7 +131,7 @@ def pointwise_dpo_loss(
     c: float = 0.0,
     preference_loss_type: str = "binary",
 ) -> PointwiseLossOutput:
-    r"""Point-wise DPO (ULMA §2.2; official code ``sft_loss_type="pointwise_dpo"``; METHODS.md §2.2).
+    r"""Point-wise DPO (ULMA, arXiv 2312.02554; official code ``sft_loss_type="pointwise_dpo"``; docs/methods.md#ulma-pointwise-dpo).
 
     ``u = b h + c`` with ``h = l_theta - l_ref`` (per-token means when ``counts`` are given, as the
     ULMA code computes them; the inputs as given otherwise).

@@ -1,4 +1,5 @@
-"""Validation and flattening of ``sequence_logps`` inputs, shared by the fused op and the reference."""
+"""Validation of op inputs and options, and flattening of ``sequence_logps`` inputs: shared by every op
+(fused and reference) and by the modules that take op options (``FusedPreferenceLoss``)."""
 from __future__ import annotations
 
 import math
@@ -16,6 +17,21 @@ class FlatInputs:
     seq_of_row: Tensor  # [N] int64 sequence index of each row
     num_seqs: int
     token_shape: Tuple[int, ...]  # shape of ``labels`` as given, for per-token outputs
+
+
+def check_temperature(temperature) -> float:
+    """Logits are divided by ``temperature``: a finite number > 0 (not a bool)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def check_chunk_bytes(chunk_bytes) -> int:
+    """Size of the one logits buffer: a positive int (not a bool)."""
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes: expected a positive int, got {chunk_bytes!r}")
+    return chunk_bytes
 
 
 def _require_tensor(name: str, value) -> Tensor:
@@ -71,8 +87,7 @@ def check_and_flatten(
         )
     if labels.device != hidden.device:
         raise ValueError(f"labels: on {labels.device}, hidden on {hidden.device}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
     if labels.numel() == 0:
         raise ValueError(f"hidden: empty batch (shape {tuple(hidden.shape)})")
 

@@ -1,16 +1,17 @@
-"""Triton backend (GPU path) of the fastpref row pass."""
+"""Triton kernels of the row pass (the kernel layer under :mod:`fastpref.ops.backends.triton`).
+
+The launchers below validate their arguments; the ``torch.library`` custom ops they dispatch to
+(``row_forward_op`` ...) stay in :mod:`fastpref.ops.triton.rowpass`.
+"""
 
 from .rowpass import (
     DEFAULT_BLOCK_V,
     SUPPORTED_DTYPES,
     available,
     block_backward_,
-    block_backward_op,
     fused_forward,
-    fused_forward_op,
     kernels_interpreted,
     row_forward,
-    row_forward_op,
     why_not,
 )
 
@@ -19,11 +20,8 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "available",
     "block_backward_",
-    "block_backward_op",
     "fused_forward",
-    "fused_forward_op",
     "kernels_interpreted",
     "row_forward",
-    "row_forward_op",
     "why_not",
 ]

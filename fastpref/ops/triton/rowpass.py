@@ -46,11 +46,12 @@ bf16 dlogits can differ from a GPU run by 1 bf16 ulp.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
 import torch
+
+from fastpref.ops.backends._checks import check_logits, check_row_vector, check_scale, check_tensor, check_v_offset
 
 try:  # Triton is optional: without it this module imports but cannot serve.
     import triton
@@ -318,40 +319,10 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _check_tensor(name: str, t, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-
-
-def _check_scale(scale) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a python float, got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite float > 0, got {scale}")
-
-
-def _check_logits_labels(logits, labels) -> None:
-    _check_tensor("logits", logits, 2)
-    _check_tensor("labels", labels, 1)
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"logits dtype must be one of {', '.join(map(str, SUPPORTED_DTYPES))}, got {logits.dtype}"
-        )
-    n, v = logits.shape
-    if n > 0 and v > 1 and logits.stride(1) != 1:
-        raise ValueError(f"logits must have stride(1) == 1, got strides {tuple(logits.stride())}")
-    if n > 1 and logits.stride(0) < v:
-        raise ValueError(
-            f"logits rows must not overlap: stride(0) must be >= {v}, got strides {tuple(logits.stride())}"
-        )
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64, got {labels.dtype}")
-    if labels.shape[0] != n:
-        raise ValueError(f"labels must have shape [{n}] to match logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels is on {labels.device} but logits is on {logits.device}")
+def _check_logits_labels(logits, labels) -> int:
+    n, _ = check_logits(logits, SUPPORTED_DTYPES)
+    check_row_vector("labels", labels, n, torch.int64, logits)
+    return n
 
 
 def _check_int(name: str, value) -> bool:
@@ -383,26 +354,18 @@ def _num_warps(block_v: int) -> int:
 
 def _check_forward(logits, labels, scale, block_v) -> None:
     _check_logits_labels(logits, labels)
-    _check_scale(scale)
+    check_scale(scale)
     _check_block_v(block_v)
     if logits.shape[1] == 0 and logits.shape[0] > 0:
         raise ValueError("logits must have at least one vocab column (V >= 1)")
 
 
 def _check_backward(logits, labels, lse, grad, scale, v_offset, block_v) -> None:
-    _check_logits_labels(logits, labels)
-    n = logits.shape[0]
-    for name, t in (("lse", lse), ("grad", grad)):
-        _check_tensor(name, t, 1)
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {t.dtype}")
-        if t.shape[0] != n:
-            raise ValueError(f"{name} must have shape [{n}] to match logits {tuple(logits.shape)}, got {tuple(t.shape)}")
-        if t.device != logits.device:
-            raise ValueError(f"{name} is on {t.device} but logits is on {logits.device}")
-    _check_scale(scale)
-    if _check_int("v_offset", v_offset) and v_offset < 0:
-        raise ValueError(f"v_offset must be >= 0, got {v_offset}")
+    n = _check_logits_labels(logits, labels)
+    check_row_vector("lse", lse, n, torch.float32, logits)
+    check_row_vector("grad", grad, n, torch.float32, logits)
+    check_scale(scale)
+    check_v_offset(v_offset)
     _check_block_v(block_v)
 
 
@@ -544,8 +507,8 @@ def _check_pow2_block(name: str, value, lo: int, hi: int) -> None:
 
 
 def _check_fused(h, weight, bias, labels, scale, block_n, block_v, block_h, num_splits) -> None:
-    _check_tensor("h", h, 2)
-    _check_tensor("weight", weight, 2)
+    check_tensor("h", h, 2)
+    check_tensor("weight", weight, 2)
     if h.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"h dtype must be one of {', '.join(map(str, SUPPORTED_DTYPES))}, got {h.dtype}")
     if weight.dtype != h.dtype:
@@ -559,21 +522,21 @@ def _check_fused(h, weight, bias, labels, scale, block_n, block_v, block_h, num_
     if v == 0 and n > 0:
         raise ValueError("weight must have at least one vocab row (V >= 1)")
     if bias is not None:
-        _check_tensor("bias", bias, 1)
+        check_tensor("bias", bias, 1)
         if bias.dtype != h.dtype:
             raise TypeError(f"bias dtype {bias.dtype} must match h dtype {h.dtype}")
         if bias.shape[0] != v:
             raise ValueError(f"bias must have shape [{v}] to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}")
         if bias.device != h.device:
             raise ValueError(f"bias is on {bias.device} but h is on {h.device}")
-    _check_tensor("labels", labels, 1)
+    check_tensor("labels", labels, 1)
     if labels.dtype != torch.int64:
         raise TypeError(f"labels must be int64, got {labels.dtype}")
     if labels.shape[0] != n:
         raise ValueError(f"labels must have shape [{n}] to match h {tuple(h.shape)}, got {tuple(labels.shape)}")
     if labels.device != h.device:
         raise ValueError(f"labels is on {labels.device} but h is on {h.device}")
-    _check_scale(scale)
+    check_scale(scale)
     _check_pow2_block("block_n", block_n, 16, 256)
     _check_pow2_block("block_v", block_v, 16, 256)
     _check_pow2_block("block_h", block_h, 16, 256)

@@ -1,7 +1,9 @@
-"""Row pass in plain PyTorch: the portable backend and the executable spec of the kernel contract.
+"""Row pass in plain PyTorch (``backend="torch"``): the portable backend and the executable spec of
+the kernel contract.
 
-Every backend (``cpp``, ``triton``, ``torch``) implements the same two functions; the chunk driver in
-:mod:`fastpref.ops.logps` does the GEMMs and calls them on one chunk of logits at a time.
+Every backend (``cpp``, ``triton``, ``torch``) implements ``why_not``, ``row_forward`` and
+``block_backward_``; the chunk drivers in :mod:`fastpref.ops` do the GEMMs and call them on one chunk
+of logits at a time.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from torch import Tensor
 
 
 def why_not(device: torch.device, dtype: torch.dtype) -> List[str]:
+    """Reasons this backend cannot serve ``dtype`` logits (none for floating dtypes)."""
     if not dtype.is_floating_point:
         return [f"torch: dtype {dtype} is not a floating-point dtype"]
     return []

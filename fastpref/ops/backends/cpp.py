@@ -1,4 +1,4 @@
-"""C++ (pybind11) CPU backend of the row pass.
+"""C++ (pybind11) CPU backend of the row pass (``backend="cpp"``).
 
 The native kernels live in ``fastpref._C`` (csrc/rowpass.cpp): vectorised
 (AVX-512 / AVX2 / scalar, picked at run time) and threaded with std::thread.
@@ -11,11 +11,12 @@ tensors, hands their pointers over, and registers the kernels as
 under torch.compile and pass ``torch.library.opcheck``.
 """
 
-import math
 import operator
 from typing import List, Optional, Tuple
 
 import torch
+
+from fastpref.ops.backends._checks import check_logits, check_row_vector, check_scale, check_v_offset
 
 try:
     from fastpref import _C
@@ -64,73 +65,27 @@ def _lib():
     return _C
 
 
-# ------------------------------------------------------------------ argument checks
-# The kernel trusts what it is given, so everything that could make it read or
-# write out of bounds is checked here (in both the real and the fake impl).
+# ------------------------------------------------------------------ argument checks (shared: _checks.py)
 
 
-def _check_scale(scale) -> float:
-    if isinstance(scale, torch.SymFloat):  # symbolic under torch.compile: checked at run time
-        return scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite float > 0, got {scale}")
-    return scale
-
-
-def _check_logits(logits, cols_name: str) -> Tuple[int, int]:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.device.type != "cpu":
-        raise ValueError(f"logits must be a CPU tensor, got device {logits.device}")
-    if logits.dtype not in _DTYPE_CODES:
-        raise TypeError(f"logits must be float32 or bfloat16, got {logits.dtype}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D [n, {cols_name}], got shape {tuple(logits.shape)}")
-    n, cols = logits.shape
-    if n > 0 and cols > 1 and logits.stride(1) != 1:
-        raise ValueError(f"logits must have stride(1) == 1, got strides {tuple(logits.stride())}")
-    if n > 1 and logits.stride(0) < cols:
-        raise ValueError(
-            f"logits rows must not overlap: stride(0) must be >= {cols_name}={cols}, "
-            f"got strides {tuple(logits.stride())}"
-        )
-    return n, cols
-
-
-def _check_vector(t, name: str, n: int, dtype: torch.dtype) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} must be a CPU tensor, got device {t.device}")
-    if t.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must have shape [{n}] (one per logits row), got {tuple(t.shape)}")
-    if n > 1 and t.stride(0) != 1:
-        raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+_DTYPES = tuple(_DTYPE_CODES)
 
 
 def _check_forward(logits, labels, scale) -> Tuple[int, int, float]:
-    n, V = _check_logits(logits, "V")
+    n, V = check_logits(logits, _DTYPES, device_type="cpu")
     if n > 0 and V < 1:
         raise ValueError("logits must have at least one column (V >= 1)")
-    _check_vector(labels, "labels", n, torch.int64)
-    return n, V, _check_scale(scale)
+    check_row_vector("labels", labels, n, torch.int64, logits, device_type="cpu", contiguous=True)
+    return n, V, check_scale(scale)
 
 
 def _check_backward(logits, labels, lse, grad, scale, v_offset) -> Tuple[int, int, float]:
-    n, vb = _check_logits(logits, "vb")
-    _check_vector(labels, "labels", n, torch.int64)
-    _check_vector(lse, "lse", n, torch.float32)
-    _check_vector(grad, "grad", n, torch.float32)
-    if isinstance(v_offset, bool) or not isinstance(v_offset, (int, torch.SymInt)):
-        raise TypeError(f"v_offset must be a Python int, got {type(v_offset).__name__}")
-    if v_offset < 0:
-        raise ValueError(f"v_offset must be >= 0, got {v_offset}")
-    return n, vb, _check_scale(scale)
+    n, vb = check_logits(logits, _DTYPES, cols_name="vb", device_type="cpu")
+    check_row_vector("labels", labels, n, torch.int64, logits, device_type="cpu", contiguous=True)
+    check_row_vector("lse", lse, n, torch.float32, logits, device_type="cpu", contiguous=True)
+    check_row_vector("grad", grad, n, torch.float32, logits, device_type="cpu", contiguous=True)
+    check_v_offset(v_offset)
+    return n, vb, check_scale(scale)
 
 
 def _row_stride(t: torch.Tensor) -> int:
@@ -197,8 +152,8 @@ def row_forward(logits: torch.Tensor, labels: torch.Tensor, scale: float) -> Tup
     logits: [n, V] fp32/bf16 CPU, stride(1) == 1, stride(0) >= V; labels: int64 [n] in [0, V).
     """
     if not torch.compiler.is_compiling():  # eager: skip the dispatcher (its first call imports dynamo, ~2 s)
-        return _row_forward_impl(logits, labels, _check_scale(scale))
-    return torch.ops.fastpref.cpp_row_forward(logits, labels, _check_scale(scale))
+        return _row_forward_impl(logits, labels, check_scale(scale))
+    return torch.ops.fastpref.cpp_row_forward(logits, labels, check_scale(scale))
 
 
 def block_backward_(
@@ -210,5 +165,5 @@ def block_backward_(
     if not isinstance(v_offset, (int, torch.SymInt)) and hasattr(v_offset, "__index__"):
         v_offset = operator.index(v_offset)  # numpy / 0-d integer scalars
     if not torch.compiler.is_compiling():
-        return _block_backward_impl(logits, labels, lse, grad, _check_scale(scale), v_offset)
-    torch.ops.fastpref.cpp_block_backward_(logits, labels, lse, grad, _check_scale(scale), v_offset)
+        return _block_backward_impl(logits, labels, lse, grad, check_scale(scale), v_offset)
+    torch.ops.fastpref.cpp_block_backward_(logits, labels, lse, grad, check_scale(scale), v_offset)
