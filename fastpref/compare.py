@@ -24,8 +24,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from fastpref.errors import fraction, nonnegative_float, positive_float, positive_int
 from fastpref.ops.constants import IGNORE_INDEX
-from fastpref.profiling import MIB, Timing, call_in_subprocess, machine_info, peak_memory_in_subprocess
+from fastpref.profiling import MIB, call_in_subprocess, machine_info, peak_memory_in_subprocess
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 METHODS = ("fused", "cpp", "torch", "naive", "cce")
@@ -260,26 +261,26 @@ def errors_vs_fp64(methods: Sequence[str], inputs: StepInputs, *, chunk_bytes: O
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per batch, N (default 2048)")
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden size H (default 1024)")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size V (default 32000)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
-    parser.add_argument("--prompt-frac", type=float, default=0.2,
+    parser.add_argument("--tokens", type=positive_int, default=2048, help="tokens per batch, N (default 2048)")
+    parser.add_argument("--hidden", type=positive_int, default=1024, help="hidden size H (default 1024)")
+    parser.add_argument("--vocab", type=positive_int, default=32000, help="vocabulary size V (default 32000)")
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence (default 512)")
+    parser.add_argument("--prompt-frac", type=fraction, default=0.2,
                         help="fraction of each sequence that is prompt (label ignored; default 0.2)")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16 (default fp32,bf16)")
     parser.add_argument("--methods", default="fused,naive,torch",
                         help=f"comma list of {','.join(METHODS)} (default fused,naive,torch; "
                              "cce needs cut-cross-entropy)")
     parser.add_argument("--no-floor", action="store_true", help="skip timing the GEMM floor")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--repeats", type=positive_int, default=2,
                         help="timed runs after the measured one, per method (default 2)")
-    parser.add_argument("--error-tokens", type=int, default=512,
+    parser.add_argument("--error-tokens", type=positive_int, default=512,
                         help="tokens (whole sequences) checked against fp64 (default 512; 0 skips)")
-    parser.add_argument("--chunk-mib", type=float, default=None, help="fused: logits buffer size in MiB")
-    parser.add_argument("--keep-logits-mib", type=float, default=0.0,
+    parser.add_argument("--chunk-mib", type=positive_float, default=None, help="fused: logits buffer size in MiB")
+    parser.add_argument("--keep-logits-mib", type=nonnegative_float, default=0.0,
                         help="fused: budget for keeping forward logits (skips the backward recompute)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess (default 900)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--timeout", type=positive_float, default=900.0, help="seconds per subprocess (default 900)")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
 
 

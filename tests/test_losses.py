@@ -158,7 +158,7 @@ def test_soft_label_rm_worked_number():
 # ------------------------------------------------------------------ DPO family vs scalar formulas
 
 
-def _scalar_dpo(t_, pc, pr, rc, rr, beta, eps, tau=0.05, delta_bco=None, nll=None):
+def _scalar_dpo(t_, pc, pr, rc, rr, beta, eps, tau=0.05, delta_bco=None, nll=None, nc=None, nr=None):
     rw, rl = pc - rc, pr - rr
     d = rw - rl
     u = beta * d
@@ -188,6 +188,8 @@ def _scalar_dpo(t_, pc, pr, rc, rr, beta, eps, tau=0.05, delta_bco=None, nll=Non
         return sp(-u) * (1 - m) + math.exp(-u) * m
     if t_ == "sft":
         return nll
+    if t_ == "sigmoid_norm":  # TRL 1.16: -logsigmoid(beta * (rw / n_w - rl / n_l)), no label smoothing
+        return sp(-beta * (rw / nc - rl / nr))
     raise AssertionError(t_)
 
 
@@ -220,8 +222,8 @@ def test_dpo_types_match_scalar_formulas(loss_type, eps):
     nll = -sum(PAIRS["pc"]) / sum(PAIRS["nc"])
     delta_bco = sum(beta * (a - b) for a, b in zip(vals["pc"] + vals["pr"], vals["rc"] + vals["rr"])) / 8
     expected = [
-        _scalar_dpo(loss_type, a, b, c, d, beta, eps, delta_bco=delta_bco, nll=nll)
-        for a, b, c, d in zip(vals["pc"], vals["pr"], vals["rc"], vals["rr"])
+        _scalar_dpo(loss_type, a, b, c, d, beta, eps, delta_bco=delta_bco, nll=nll, nc=n_w, nr=n_l)
+        for a, b, c, d, n_w, n_l in zip(vals["pc"], vals["pr"], vals["rc"], vals["rr"], PAIRS["nc"], PAIRS["nr"])
     ]
     assert_close(out.per_sample_loss, expected)
     assert_close(out.loss, sum(expected) / 4)

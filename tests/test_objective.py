@@ -152,5 +152,5 @@ def test_trainer_goes_through_the_public_objective(monkeypatch, logps):
     assert seen, "the trainer computed a loss without PreferenceObjective.forward"
     last = seen[-1]
     assert record["loss"] == pytest.approx(float(last.loss.detach()), rel=1e-6)
-    assert record["reward_accuracy"] == pytest.approx(float(last.metrics["rewards/accuracies"]))
-    assert record["margin"] == pytest.approx(float(last.metrics["rewards/margins"]), abs=1e-7)
+    assert record["rewards/accuracies"] == pytest.approx(float(last.metrics["rewards/accuracies"]))
+    assert record["rewards/margins"] == pytest.approx(float(last.metrics["rewards/margins"]), abs=1e-7)

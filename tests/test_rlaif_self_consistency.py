@@ -16,6 +16,8 @@ from fastpref.annotate.scoring import ScoringModel
 from fastpref.cli import main
 from fastpref.models import tiny_model, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TEXTS = ["Text - Summary 1 - Summary 2 - Preferred Summary=1 Preferred Summary=2 SCORE: 1 2 3 4 5 6 7 8 9 10 " * 3,
          "the cat sat on the mat all day long; a cat sat on a mat. dogs are great. Rationale: because it is"]
 RECORDS = [
@@ -25,14 +27,6 @@ RECORDS = [
     {"prompt": "A long day on a mat for the cat", "responses": ["the cat", "a dog sat all day"]},
 ]
 K, T, NEW = 3, 1.3, 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

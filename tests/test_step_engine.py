@@ -17,17 +17,10 @@ from fastpref.step import Group, PreferenceStep, default_precision, prefix_mask_
 from fastpref.step import engine as engine_mod
 from fastpref.step.engine import resolve_precision
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox")
 RTOL32 = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: on a 2-core box shared with other jobs two threads spin-wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
-from fastpref.errors import UsageError, positive_float, positive_int
+from fastpref.errors import UsageError, positive_float, positive_int, probability
 
 TINY_TEXTS = (
     "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9 10",
@@ -47,16 +47,6 @@ def _text(value: Optional[str], flag: str = "") -> Optional[str]:
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise UsageError(f"{flag} {value}: cannot read {value[1:]} ({reason})".strip()) from None
-    return value
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
     return value
 
 
@@ -103,7 +93,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--route", action="store_true",
                    help="per-domain guidance (SAFETY / REASONING / CHAT) chosen by --labeler or a 'domain' field")
     g.add_argument("--labeler", default=None, help="router model for --route")
-    g.add_argument("--route-min-prob", type=_probability, default=0.0, help="below this router confidence: CHAT")
+    g.add_argument("--route-min-prob", type=probability, default=0.0, help="below this router confidence: CHAT")
     g.add_argument("--domain-guidance", default=None, help="JSON per-domain guidance replacing the built-in one")
     g.add_argument("--weak-vanilla", action="store_true", help="the weak model sees the uncustomised prompt")
     g.add_argument("--weak-system-prompt", default=None, help="system prompt of the weak side only (text or @file)")

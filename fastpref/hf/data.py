@@ -32,7 +32,6 @@ they are skipped, counted and listed in the :class:`LoadReport` instead.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field

@@ -44,6 +44,7 @@ DPO_LOSS_TYPES = (
     "apo_down",
     "discopop",
     "sft",
+    "sigmoid_norm",
 )
 F_DIVERGENCE_TYPES = ("reverse_kl", "js_divergence", "alpha_divergence")
 # Loss types whose pair-i term depends on other pairs (sorting over the batch, the batch NLL).
@@ -179,6 +180,13 @@ def dpo_loss(
             raise ValueError("chosen_counts: required for the chosen NLL of 'sft' / rpo_alpha")
         nll = chosen_nll(pc, chosen_counts, dtype)
 
+    if "sigmoid_norm" in types:  # TRL 1.16: per-token log-ratios of each side, the rest un-averaged
+        if chosen_counts is None or rejected_counts is None:
+            raise ValueError("chosen_counts, rejected_counts: 'sigmoid_norm' length-normalises each log-ratio")
+        if "ipo" in types or f_divergence_type != "reverse_kl":
+            raise ValueError("loss_type: 'sigmoid_norm' combines with neither 'ipo' nor an f-divergence here")
+        check_counts("chosen_counts", chosen_counts, B, min_count=1, why="'sigmoid_norm' length-normalises: ")
+        check_counts("rejected_counts", rejected_counts, B, min_count=1, why="'sigmoid_norm' length-normalises: ")
     average = "ipo" in types and (chosen_counts is not None or rejected_counts is not None)
     if average and (chosen_counts is None or rejected_counts is None):
         missing = "chosen_counts" if chosen_counts is None else "rejected_counts"
@@ -242,6 +250,9 @@ def dpo_loss(
         elif t == "aot_pair":
             d = torch.sort(rho_w).values - torch.sort(rho_l).values
             term = _smoothed_sigmoid(d, beta, eps)
+        elif t == "sigmoid_norm":
+            d = rho_w / chosen_counts.to(dtype) - rho_l / rejected_counts.to(dtype)
+            term = F.softplus(-beta * d)
         elif t == "apo_zero":
             term = (1 - torch.sigmoid(beta * rho_w)) + torch.sigmoid(beta * rho_l)
         elif t == "apo_down":

@@ -5,7 +5,9 @@ A minimal, honest loop: any loss of :mod:`fastpref.losses` by name (DPO family, 
 Dr. DPO, KTO, ULMA ...), AdamW with a linear / cosine / constant schedule and warmup, gradient
 accumulation, gradient clipping, periodic evaluation on a held-out split (reward accuracy and margins),
 checkpoints that resume exactly (model, optimizer, scheduler, step, data position, RNG, precomputed
-reference), a JSONL metrics log and a progress bar with loss, tokens/s and peak memory. Under
+reference), a JSONL metrics log (TRL's metric names; optionally TensorBoard) and a progress bar with
+loss, tokens/s and peak memory. Every checkpoint is also a Hugging Face model directory
+(``AutoModelForCausalLM.from_pretrained`` / ``PeftModel.from_pretrained``). Under
 ``torchrun`` it trains with DDP (gloo on CPU, nccl on GPU); batch-coupled losses get the process group.
 
 Reference log-probs (``reference``): ``precomputed`` (columns in the data), ``precompute`` (a first
@@ -51,6 +53,37 @@ from fastpref.outputs import OutputLock, diff, load_state, model_fingerprint, sa
 
 REFERENCE_MODES = ("auto", "precomputed", "precompute", "adapters", "model", "none")
 SCHEDULERS = ("linear", "cosine", "constant")
+REPORT_TO = ("none", "tensorboard")
+# model specs of fastpref.models.load_model -> the hub id a user elsewhere loads the same weights by
+HUB_IDS = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+EXTRA_PARAMS = "trainer_params.safetensors"  # trainable parameters the HF files do not hold
+
+
+def _is_cache_path(text: str) -> bool:
+    """A path inside a download cache (Hugging Face hub, ~/.cache): not portable to another machine."""
+    norm = text.replace("\\", "/")
+    roots = [os.path.expanduser("~/.cache"), os.environ.get("HF_HOME", ""), os.environ.get("HF_HUB_CACHE", ""),
+             os.environ.get("XDG_CACHE_HOME", "")]
+    return "/.cache/" in norm or "/huggingface/hub/" in norm or any(r and norm.startswith(r) for r in roots)
+
+
+def portable_model_id(*candidates) -> Optional[str]:
+    """The first of ``candidates`` (model specs or paths, e.g. the user's ``--model`` then the config's
+    ``name_or_path``) that names the model on any machine: ``smollm2`` -> its hub id; a hub cache path
+    (``.../models--ORG--NAME/snapshots/...``) -> ``ORG/NAME``; another cache path is skipped; anything
+    else (a hub id, a directory the user gave) as given. None when none qualifies."""
+    for c in candidates:
+        if not c:
+            continue
+        c = str(c)
+        if c in HUB_IDS:
+            return HUB_IDS[c]
+        m = re.search(r"models--([^/]+?)--([^/]+?)(?:/|$)", c)
+        if m:
+            return f"{m.group(1)}/{m.group(2)}"
+        if not _is_cache_path(c):
+            return c
+    return None
 
 
 class CheckpointError(UsageError, ValueError):
@@ -63,6 +96,10 @@ class ResumeMismatch(UsageError, ValueError):
     def __init__(self, message: str, changed=()):
         super().__init__(message)
         self.changed = list(changed)
+
+
+class ReferenceMismatch(UsageError, ValueError):
+    """Precomputed reference columns that the reference model does not reproduce (stale or foreign)."""
 
 
 class OutputDirError(UsageError, ValueError):
@@ -132,6 +169,7 @@ class TrainConfig:
     save_every: Optional[int] = None
     output_dir: Optional[str] = None
     reference: str = "auto"
+    check_reference: bool = True
     packing: bool = False
     share_prompt: bool = True
     max_tokens_per_row: Optional[int] = DEFAULT_MAX_TOKENS_PER_ROW
@@ -142,8 +180,13 @@ class TrainConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     progress: bool = True
     log_file: Optional[str] = None
+    report_to: str = "none"
 
     def __post_init__(self):
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to: expected one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        if self.report_to == "tensorboard" and not self.output_dir:
+            raise ValueError("report_to='tensorboard': needs output_dir (events go to <output_dir>/runs)")
         if self.logps not in ("fused", "naive"):
             raise ValueError(f"logps: expected 'fused' or 'naive', got {self.logps!r}")
         if self.scheduler not in SCHEDULERS:
@@ -286,20 +329,34 @@ class Trainer:
     """Train ``model`` (a causal LM or a PEFT model) on a :class:`~fastpref.hf.PreferenceDataset`.
 
     ``ref_model``: a frozen reference for ``reference="model"`` (or ``"auto"``). ``pad_token_id``:
-    used by the collator (default: the model config's pad, else eos). Call :meth:`train`; per-step
-    records are returned and kept in ``history`` (and appended to ``config.log_file`` as JSONL).
+    used by the collator (default: the model config's pad, else eos). ``tokenizer``: saved into every
+    checkpoint and :meth:`save_model` directory when given. ``model_id``: the base model's portable name
+    recorded in LoRA adapter configs (default: ``run_info["model"]``, else the model config's
+    ``name_or_path``; see :func:`portable_model_id`). Call :meth:`train`; per-step records (TRL's
+    metric names: ``loss``, ``rewards/chosen`` ..., ``grad_norm``, ``learning_rate``) are returned, kept
+    in ``history`` and appended to ``config.log_file`` as JSONL (and to TensorBoard with
+    ``report_to="tensorboard"``).
     """
 
     def __init__(self, model: nn.Module, train_data: PreferenceDataset, config: Optional[TrainConfig] = None, *,
                  eval_data: Optional[PreferenceDataset] = None, ref_model: Optional[nn.Module] = None,
-                 pad_token_id: Optional[int] = None, log=print, run_info: Optional[Dict[str, Any]] = None):
+                 pad_token_id: Optional[int] = None, log=print, run_info: Optional[Dict[str, Any]] = None,
+                 tokenizer=None, model_id: Optional[str] = None):
         self.cfg = cfg = config or TrainConfig()
         self.log = log
+        self.tokenizer = tokenizer
+        self._writer = None
+        self._tb_purge: Optional[int] = None
         self.world, self.rank, self.group = dist_info()
         self.train_data, self.eval_data = train_data, eval_data
         self.policy = FusedCausalLM(model, backend=cfg.backend, chunk_bytes=cfg.chunk_bytes)
         lm = self.policy.causal_lm
         self.device = next(lm.parameters()).device
+        self.model_id = portable_model_id(model_id, (run_info or {}).get("model"),
+                                          getattr(lm.config, "name_or_path", None))
+        if self.policy.peft is not None:  # PEFT records the config's path, often a cache path
+            for pc in self.policy.peft.peft_config.values():
+                pc.base_model_name_or_path = self.model_id
         if cfg.disable_dropout:
             disable_dropout(model)
         if cfg.gradient_checkpointing:
@@ -379,6 +436,7 @@ class Trainer:
         self.step = 0
         self.history: List[Dict[str, Any]] = []
         self._reference_ready = self.reference != "precompute"
+        self._reference_checked = self.reference != "precomputed" or not cfg.check_reference
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self._lock: Optional[OutputLock] = None
@@ -505,17 +563,11 @@ class Trainer:
 
     @staticmethod
     def _summary(result) -> Dict[str, Tensor]:
-        """Detached scalar metrics of one batch (no host sync), under the trainer's log names."""
-        m = result.metrics
+        """Detached scalar metrics of one batch (no host sync) under TRL's names: ``loss``,
+        ``rewards/chosen``, ``rewards/rejected``, ``logps/chosen``, ``logps/rejected`` and, for paired
+        data, ``rewards/accuracies``, ``rewards/margins`` (KTO adds ``kl``)."""
         out = {"loss": result.loss.detach().float()}
-        if "rewards/accuracies" in m:
-            out["reward_accuracy"] = m["rewards/accuracies"].float()
-            out["margin"] = m["rewards/margins"].float()
-            out["chosen_reward"] = m["rewards/chosen"].float()
-            out["rejected_reward"] = m["rewards/rejected"].float()
-        else:
-            out["positive_reward"] = m["rewards/chosen"].float()
-            out["negative_reward"] = m["rewards/rejected"].float()
+        out.update({k: v.detach().float() for k, v in result.metrics.items()})
         return out
 
     # -- data -----------------------------------------------------------------------------------
@@ -535,7 +587,56 @@ class Trainer:
 
     # -- train ----------------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def check_reference_columns(self, num_examples: int = 4) -> Optional[float]:
+        """Spot-check precomputed reference columns: score the first ``num_examples`` training examples
+        with the reference (``ref_model``, the adapters disabled, or, before the first step, the initial
+        policy) and raise :class:`ReferenceMismatch` if any sum differs beyond the precision's budget (a
+        column computed with another model or other tokenisation trains without a word otherwise).
+        Returns the largest difference, or None where no reference model is at hand (resumed full
+        fine-tuning without ``ref_model``)."""
+        exs = self.train_data.examples[:num_examples]
+        batch = self._batch(exs, PreferenceCollator(self.collator.pad_token_id, packed=self.collator.packed))
+        was = self.policy.training
+        self.policy.eval()
+        try:
+            if self.ref_model is not None or self.policy.peft is not None:
+                ctx = contextlib.nullcontext() if self.ref_model is not None else self.policy.adapters_disabled()
+                with ctx:
+                    if "packed" in batch:
+                        got = self.engine.reference_logps(batch["packed"]).logps
+                    elif self.ref_model is not None:
+                        got = self.ref_model.logps(batch).logps
+                    else:
+                        got = self._policy_logps(batch)
+            elif self.step == 0:
+                got = self._policy_logps(batch)
+            else:
+                return None
+        finally:
+            self.policy.train(was)
+        want = batch["ref_logps"].to(got.device, torch.float32)
+        got = got.float()
+        # fp32: round-off of ~100-token sums; bf16: its rounding, which grows with the sum
+        atol, rtol = (1e-2, 1e-4) if self.precision == "fp32" else (0.5, 2e-2)
+        diff = (got - want).abs()
+        bad = diff > atol + rtol * want.abs()
+        if bool(bad.any()):
+            i = int(diff.argmax())
+            raise ReferenceMismatch(
+                f"precomputed reference log-probs do not match the reference model: sequence {i} of the first "
+                f"{len(exs)} examples has {float(want[i]):.4f} in the data but {float(got[i]):.4f} from the model "
+                f"(|diff| {float(diff[i]):.3g} > {atol + rtol * float(want[i].abs()):.3g} for {self.precision}); "
+                "the columns were computed with another model, tokenisation or data. Recompute them "
+                "(reference='precompute'), or pass check_reference=False (--no-check-reference) if this is deliberate")
+        return float(diff.max()) if diff.numel() else 0.0
+
     def _ensure_reference(self) -> None:
+        if not self._reference_checked:
+            err = self.check_reference_columns()
+            self._reference_checked = True
+            if err is not None:
+                self._say(f"precomputed reference columns spot-checked against the reference model: max |diff| {err:.2g}")
         if not self._reference_ready:
             t0 = time.perf_counter()
             self.precompute_reference()
@@ -574,7 +675,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        keys = sorted(sums)
+        keys = sorted(sums, key=lambda k: (k != "loss", k))
         values = torch.stack([sums[k] for k in keys] + [torch.tensor(float(tokens), device=self.device)])
         if self.world > 1:
             values = values.to(self.device)
@@ -585,7 +686,7 @@ class Trainer:
         self.step += 1
         record = {"step": self.step, "epoch": epoch + (pos + 1) / self.steps_per_epoch}
         record.update({k: v for k, v in zip(keys, values)})
-        record.update({"lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+        record.update({"learning_rate": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                        "tokens": int(values[-1]), "step_time_s": elapsed,
                        "tokens_per_s": values[-1] / elapsed if elapsed > 0 else None})
         peak = peak_memory(self.device)
@@ -635,11 +736,39 @@ class Trainer:
         return f"eval @ step {ev['step']}: " + ", ".join(parts)
 
     def _write_log(self, record: Dict[str, Any]) -> None:
-        if self.rank != 0 or not self.cfg.log_file:
+        """Append ``record`` to the JSONL log and, with ``report_to="tensorboard"``, write its numbers as
+        scalars at its step (``train/<name>``; ``eval_<name>`` as ``eval/<name>``, as HF's Trainer does)."""
+        if self.rank != 0:
             return
-        Path(self.cfg.log_file).parent.mkdir(parents=True, exist_ok=True)
-        with open(self.cfg.log_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.cfg.log_file:
+            Path(self.cfg.log_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.cfg.log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        writer = self._tensorboard()
+        if writer is not None:
+            for key, value in record.items():
+                if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                tag = "eval/" + key[5:] if key.startswith("eval_") else "train/" + key
+                writer.add_scalar(tag, value, record["step"])
+            writer.flush()
+
+    def _tensorboard(self):
+        if self.cfg.report_to != "tensorboard" or self.rank != 0:
+            return None
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # after a resume, events of the steps being redone are dropped (purge_step)
+            self._writer = SummaryWriter(log_dir=str(Path(self.cfg.output_dir) / "runs"),
+                                         purge_step=None if self._tb_purge is None else self._tb_purge + 1)
+        return self._writer
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (if any); logging later opens a new one."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     # -- eval -----------------------------------------------------------------------------------
 
@@ -689,14 +818,70 @@ class Trainer:
                 out[name] = {k: [ex[k] for ex in data.examples] for k in keys if k in data.examples[0]}
         return out
 
+    def _hf_files(self, path: Path) -> List[Path]:
+        """The safetensors files :meth:`save_model` writes for this model in ``path`` (sharded or not)."""
+        if self.policy.peft is not None:
+            return [path / "adapter_model.safetensors"]
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [path / s for s in shards]
+        return [path / "model.safetensors"]
+
+    def _hf_keys(self) -> Dict[str, List[str]]:
+        """Trainable parameter name (in ``self.policy``) -> the keys its tensor may have in the HF files:
+        the model's own state dict (PEFT: the adapter's), matched by storage, so tied weights map to
+        whichever of their names the file keeps."""
+        if self.policy.peft is not None:
+            from peft import get_peft_model_state_dict
+
+            sd = get_peft_model_state_dict(self.policy.peft, save_embedding_layers=False)  # as save_model
+        else:
+            sd = self.policy.causal_lm.state_dict()
+        by_storage: Dict[Any, List[str]] = {}
+        for k, t in sd.items():
+            by_storage.setdefault((t.data_ptr(), tuple(t.shape), t.dtype), []).append(k)
+        return {n: by_storage.get((p.data_ptr(), tuple(p.shape), p.dtype), [])
+                for n, p in self.policy.named_parameters() if p.requires_grad}
+
+    def save_model(self, path) -> Path:
+        """Write the model in Hugging Face format at ``path`` (and the tokenizer, if the trainer has one):
+        ``config.json`` + ``model.safetensors`` for full fine-tuning (``AutoModelForCausalLM.from_pretrained``),
+        ``adapter_config.json`` + ``adapter_model.safetensors`` for PEFT (``PeftModel.from_pretrained`` on
+        the base model named by ``base_model_name_or_path``: :attr:`model_id`, never a cache path).
+        Call it on rank 0 only."""
+        from transformers.utils import logging as hf_logging
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Writing model shards" bar per checkpoint is noise
+        try:
+            if self.policy.peft is not None:
+                for pc in self.policy.peft.peft_config.values():
+                    pc.base_model_name_or_path = self.model_id
+                # no hub look-up of the base config (it only matters for resized vocabularies)
+                self.policy.peft.save_pretrained(str(path), save_embedding_layers=False)
+            else:
+                self.policy.causal_lm.save_pretrained(str(path))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(path))
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        return path
+
     def save_checkpoint(self, path=None) -> Path:
         """Write ``checkpoint-<step>`` under ``output_dir`` (or at ``path``); returns its path.
 
-        Layout (nothing is pickled, so loading a checkpoint from someone else cannot run code):
-        ``model.safetensors`` (trainable parameters by name), ``optimizer.{safetensors,json}``,
+        Layout (nothing is pickled, so loading a checkpoint from someone else cannot run code): the
+        model in Hugging Face format (:meth:`save_model`: ``config.json`` + ``model.safetensors``, or the
+        PEFT adapter; resume reads the trainable parameters back from these files), ``trainer_params.safetensors``
+        only for trainable parameters the HF files do not hold, ``optimizer.{safetensors,json}``,
         ``trainer.{safetensors,json}`` (scheduler, loss buffers, RNG states, precomputed reference
         log-probs) and, written last, ``state.json`` (step, config and the run's :meth:`fingerprint`;
         its presence marks a complete checkpoint)."""
+        from safetensors import safe_open
         from safetensors.torch import save_file
 
         if path is None:
@@ -708,8 +893,19 @@ class Trainer:
             acquired = self.lock_output()
             try:
                 path.mkdir(parents=True, exist_ok=True)
-                params = {n: p.detach().cpu().contiguous() for n, p in self.policy.named_parameters() if p.requires_grad}
-                save_file(params, str(path / "model.safetensors"))
+                (path / "state.json").unlink(missing_ok=True)  # overwriting: incomplete until rewritten
+                self.save_model(path)
+                saved = set()
+                for f in self._hf_files(path):
+                    with safe_open(str(f), framework="pt") as fh:
+                        saved.update(fh.keys())
+                named = dict(self.policy.named_parameters())
+                extra = {n: named[n].detach().cpu().contiguous() for n, keys in self._hf_keys().items()
+                         if not saved.intersection(keys)}
+                if extra:
+                    save_file(extra, str(path / EXTRA_PARAMS))
+                else:
+                    (path / EXTRA_PARAMS).unlink(missing_ok=True)
                 save_state(path, "optimizer", self.optimizer.state_dict())
                 save_state(path, "trainer", {
                     "scheduler": self.scheduler.state_dict(),
@@ -758,7 +954,9 @@ class Trainer:
                 raise ResumeMismatch(text + "; resume with the same settings, or pass --allow-changes "
                                      "(allow_changes=True) to continue anyway", [c.split(" (", 1)[0] for c in changed])
             self._say(f"warning: {text}; continuing (--allow-changes)")
-        legacy = not (path / "model.safetensors").is_file()
+        hf = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+        weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+        legacy = (path / "model.pt").is_file() and not any((path / w).is_file() for w in weights)
         if legacy:  # old pickle checkpoints: the safe unpickler only rebuilds tensors and plain containers
             import pickle
 
@@ -777,10 +975,17 @@ class Trainer:
         else:
             from safetensors.torch import load_file
 
-            params = load_file(str(path / "model.safetensors"), device=str(self.device))
+            if hf:
+                params = self._read_hf_params(path)
+            else:  # fastpref 0.2 development checkpoints: trainable parameters by name
+                params = load_file(str(path / "model.safetensors"), device=str(self.device))
             optimizer = load_state(path, "optimizer")
             extra = load_state(path, "trainer")
         named = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+        if set(params) != set(named):  # parameters stored under the model's own (HF) names
+            hf_names = {n: next((k for k in keys if k in params), None) for n, keys in self._hf_keys().items()}
+            if all(hf_names.values()):
+                params = {n: params[k] for n, k in hf_names.items()}
         if set(params) != set(named):
             missing, unexpected = sorted(set(named) - set(params)), sorted(set(params) - set(named))
             raise CheckpointError(f"{path}: trainable parameters do not match (missing {missing[:3]}, "
@@ -806,9 +1011,31 @@ class Trainer:
             self._reference_ready = True
         self.step = int(state["step"])
         self._resumed_at = self.step
+        self._tb_purge = self.step
         if self._lock is not None and self._lock.held:
             self._truncate_log()
         self._say(f"resumed from {path} at step {self.step}")
+
+    def _read_hf_params(self, path: Path) -> Dict[str, Tensor]:
+        """Trainable parameters (by name in ``self.policy``) from the HF files of checkpoint ``path``
+        (and ``trainer_params.safetensors``); a parameter found in neither is left out (reported by
+        the caller)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        files = [f for f in self._hf_files(path) if f.is_file()]
+        if not files:
+            raise CheckpointError(f"{path}: the model weights ({self._hf_files(path)[0].name}) are missing")
+        params = load_file(str(path / EXTRA_PARAMS), device=str(self.device)) if (path / EXTRA_PARAMS).is_file() else {}
+        wanted = {n: keys for n, keys in self._hf_keys().items() if n not in params}
+        for f in files:
+            with safe_open(str(f), framework="pt", device=str(self.device)) as fh:
+                present = set(fh.keys())
+                for n, keys in wanted.items():
+                    hit = next((k for k in keys if k in present), None)
+                    if hit is not None and n not in params:
+                        params[n] = fh.get_tensor(hit)
+        return params
 
     # -- output lock, fingerprint, metrics log -------------------------------------------------
 
