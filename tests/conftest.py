@@ -31,3 +31,14 @@ def tiny_lm():
         return model.eval(), tok
 
     return make
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct in fp32 (the cached copy), once per module."""
+    from fastpref.models import ModelNotFoundError, load_smollm2
+
+    try:
+        return load_smollm2("float32")
+    except ModelNotFoundError as exc:  # a missing model is a failure, not a skip
+        pytest.fail(str(exc))

@@ -253,16 +253,6 @@ def test_lora_on_the_output_head_is_refused(tok):
 # -- the real model ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from fastpref.models import ModelNotFoundError, load_smollm2
-
-    try:
-        return load_smollm2("float32")
-    except ModelNotFoundError as exc:  # a missing model is a failure, not a skip
-        pytest.fail(str(exc))
-
-
 def test_smollm2_matches_its_own_logits(smollm2):
     from fastpref.train import demo_data_path
 

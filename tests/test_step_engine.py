@@ -299,16 +299,6 @@ def test_option_mistakes_are_named(tok):
 # -- the real model ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from fastpref.models import ModelNotFoundError, load_smollm2
-
-    try:
-        return load_smollm2("float32")
-    except ModelNotFoundError as exc:  # a missing model is a failure, not a skip
-        pytest.fail(str(exc))
-
-
 def test_smollm2_lora_pairs_match_the_plain_computation(smollm2):
     from peft import LoraConfig, get_peft_model
 

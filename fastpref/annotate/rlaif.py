@@ -53,7 +53,7 @@ from fastpref.annotate import prompts as P
 from fastpref.annotate.jsonl import RecordError
 from fastpref.annotate.records import PromptLike, as_response, extras, get_prompt, response_list, response_text, transcript
 from fastpref.annotate.runner import Annotator, Outcome
-from fastpref.annotate.scoring import ScoringModel, move_trailing_space
+from fastpref.annotate.scoring import ScoringModel, left_padded, move_trailing_space
 
 PROMPT_KEYS = ("prompt", "context", "text")
 MODES = ("pairwise", "direct")
@@ -141,14 +141,8 @@ def sample_continuations(labeler: ScoringModel, prefixes: Sequence[Sequence[int]
 def _sample_batch(labeler: ScoringModel, seqs, gens, max_new_tokens: int, weight, bias, scale: float,
                   top_k: Optional[int]) -> List[List[int]]:
     backbone, dev = labeler.fused.backbone, labeler.device
-    b, T = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((b, T), labeler.pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for k, s in enumerate(seqs):  # left padding: every prefix ends at column T-1
-        ids[k, T - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[k, T - len(s):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, pos = left_padded(seqs, labeler.pad_id, dev)
+    b = ids.shape[0]
     res = backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     cache = getattr(res, "past_key_values", None)
     new: List[List[int]] = [[] for _ in range(b)]

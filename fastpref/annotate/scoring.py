@@ -50,6 +50,19 @@ class SequenceScores:
     counts: Tensor
 
 
+def left_padded(seqs: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(input_ids, attention_mask, position_ids)`` [b, T] of token lists padded on the left, so every
+    sequence ends at column T-1 (where the next token is predicted); positions count real tokens only."""
+    b, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.full((b, T), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, s in enumerate(seqs):
+        ids[k, T - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[k, T - len(s):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
+
+
 class ScoringModel:
     """A frozen causal LM and its tokenizer, scoring in inference mode through the fused op.
 
@@ -262,15 +275,9 @@ class ScoringModel:
         dev = self.device
         for batch in self._order([len(p) for p in prefixes]):
             seqs = [list(prefixes[i]) for i in batch]
-            b, T = len(seqs), max(len(s) for s in seqs)
-            ids = torch.full((b, T), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for k, s in enumerate(seqs):  # left padding: every prefix ends at column T-1
-                ids[k, T - len(s):] = torch.tensor(s, dtype=torch.long)
-                mask[k, T - len(s):] = 1
-            ids, mask = ids.to(dev), mask.to(dev)
-            res = self.fused.backbone(input_ids=ids, attention_mask=mask,
-                                      position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
+            ids, mask, pos = left_padded(seqs, self.pad_id, dev)
+            b = ids.shape[0]
+            res = self.fused.backbone(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
             cache = getattr(res, "past_key_values", None)
             if cache is None or not hasattr(cache, "batch_repeat_interleave"):
                 return None
@@ -306,13 +313,9 @@ class ScoringModel:
         texts: List[Optional[str]] = [None] * len(prefixes)
         for batch in self._order([len(p) for p in prefixes]):
             seqs = [list(prefixes[i]) for i in batch]
-            T = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for k, s in enumerate(seqs):  # left padding: new tokens follow every prompt directly
-                ids[k, T - len(s):] = torch.tensor(s, dtype=torch.long)
-                mask[k, T - len(s):] = 1
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+            ids, mask, _ = left_padded(seqs, self.pad_id, self.device)  # new tokens follow every prompt directly
+            T = ids.shape[1]
+            out = self.model.generate(input_ids=ids, attention_mask=mask,
                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                       pad_token_id=self.pad_id, eos_token_id=self.eos_id)
             for k, i in enumerate(batch):
