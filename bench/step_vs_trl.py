@@ -441,6 +441,8 @@ def run_child(spec: Dict[str, Any], timeout: float, log) -> Dict[str, Any]:
         env = dict(os.environ)
         root = spec.get("root") or str(REPO)  # another source tree of fastpref (--before-tree)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+        # each row carries its own provenance: --append mixes rows of several runs and machine states
+        prov = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_before": os.getloadavg(), "git": git_rev()}
         t0 = time.time()
         try:
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", spec_path],
@@ -459,6 +461,7 @@ def run_child(spec: Dict[str, Any], timeout: float, log) -> Dict[str, Any]:
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
             log(f"    child failed: {res.get('reason')}\n{tail}")
         res["child_wall_s"] = wall
+        res.update(prov, load_after=os.getloadavg())
         return res
 
 
@@ -629,6 +632,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f"{[old['settings'].get(k) for k in keys]}")
         for key in ("runs", "cap", "annotate"):
             results[key] = old.get(key, [])
+        results["notes"] = old.get("notes", [])  # the operator's notes stay until edited in the JSON
+        results["date_first"] = old.get("date_first") or old["machine"].get("date")
         if "annotate_data" in old:
             results["annotate_data"] = old["annotate_data"]
         results["settings"]["modes"] = sorted(set(old["settings"]["modes"]) | set(modes), key=["lora", "full"].index)
@@ -772,6 +777,12 @@ def _ratio(a: Optional[float], b: Optional[float], fmt: str = "{:.2f}×") -> str
     return fmt.format(a / b)
 
 
+def _load(row: Dict[str, Any]) -> str:
+    """1-minute load average when the row's child started and ended (2 cores: above ~2.5 the machine was shared)."""
+    a, b = row.get("load_before"), row.get("load_after")
+    return f"{a[0]:.1f} → {b[0]:.1f}" if a and b else "not recorded"
+
+
 def _ok(rows: List[Dict[str, Any]], mode: str, system: Optional[str] = None) -> List[Dict[str, Any]]:
     return [r for r in rows if r.get("mode") == mode and r.get("status") == "ok"
             and (system is None or r["system"] == system)]
@@ -812,10 +823,16 @@ def render(results: Dict[str, Any]) -> str:
     L.append(f"- CPU: {m.get('cpu')} ({m.get('cores')} cores, flags: {m.get('cpu_flags')}); torch threads "
              f"{s.get('threads') or m.get('torch_threads')}; Python {m.get('python')}")
     L.append("- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()))
-    L.append(f"- date: {m.get('date')} → {results.get('date_end', '?')} ({results.get('elapsed_s', 0) / 60:.0f} min)")
+    if results.get("date_first"):
+        L.append(f"- dates: rows from {results['date_first']} to {results.get('date_end', '?')} (several runs "
+                 "merged by --append; each row's date, load and git revision are in the JSON, and its load in the "
+                 "tables)")
+    else:
+        L.append(f"- date: {m.get('date')} → {results.get('date_end', '?')} "
+                 f"({results.get('elapsed_s', 0) / 60:.0f} min)")
     la, lb = results.get("load_start"), results.get("load_end")
-    L.append(f"- load average (1/5/15 min): start {', '.join(f'{x:.2f}' for x in la) if la else '?'}; end "
-             f"{', '.join(f'{x:.2f}' for x in lb) if lb else '?'}")
+    L.append(f"- load average (1/5/15 min) of the last run: start {', '.join(f'{x:.2f}' for x in la) if la else '?'}; "
+             f"end {', '.join(f'{x:.2f}' for x in lb) if lb else '?'}")
     # what the operator saw during the run (other jobs on the machine, rows to distrust), kept in the JSON
     L.extend(f"- note: {n}" for n in results.get("notes", []))
     L.append("")
@@ -869,8 +886,8 @@ def render(results: Dict[str, Any]) -> str:
         if fastest:
             L.append(f"Fastest TRL configuration: `{fastest['config']}`.\n")
         L.append("| system | configuration | s / step | pairs / s | tokens / s | whole-process peak | step peak rise | "
-                 "pairs/s vs TRL defaults | peak vs TRL defaults | pairs/s vs fastest TRL |")
-        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "pairs/s vs TRL defaults | peak vs TRL defaults | pairs/s vs fastest TRL | load before → after |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
             what = ", ".join(f"{k}={v}" for k, v in r.get("options", {}).items()) or "defaults"
             if r.get("tree"):
@@ -883,7 +900,7 @@ def render(results: Dict[str, Any]) -> str:
                      f"{r['pairs_per_s']:.3f} | {r['tokens_per_s']:.0f} | {_gib(r['whole_peak'])} | "
                      f"{_gib(r['peak_rise'])} | {_ratio(r['pairs_per_s'], dflt and dflt['pairs_per_s'])} | "
                      f"{_ratio(r['whole_peak'], dflt and dflt['whole_peak'])} | "
-                     f"{_ratio(r['pairs_per_s'], fastest and fastest['pairs_per_s'])} |")
+                     f"{_ratio(r['pairs_per_s'], fastest and fastest['pairs_per_s'])} | {_load(r)} |")
         notes = []
         for r in trl_ok:
             eff = r.get("effective", {})
@@ -936,8 +953,9 @@ def render(results: Dict[str, Any]) -> str:
                  "criteria system prompt + one of two in-context exemplar blocks on the strong side, a plain system "
                  "prompt on the weak side (same exemplars). Tokens = prompt + candidate per candidate per model (the "
                  "unshared count, the same for every row).\n")
-        L.append("| configuration | options | s | tokens / s | whole-process peak | peak rise | speed-up | scores identical |")
-        L.append("|---|---|---:|---:|---:|---:|---:|---|")
+        L.append("| configuration | options | s | tokens / s | whole-process peak | peak rise | speed-up | scores identical "
+                 "| load before → after |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---|---|")
         before = next((a for a in ann if a.get("config") == "cdr-before" and a.get("status") == "ok"), None)
         for a in ann:
             what = ", ".join(f"{k}={v}" for k, v in a.get("options", {}).items())
@@ -952,7 +970,7 @@ def render(results: Dict[str, Any]) -> str:
                     same += " (bf16: not expected to be identical)"
             L.append(f"| `{a['config']}` | {what} | {a['times'][0]:.2f} | {a['tokens_per_s']:.0f} | "
                      f"{_gib(a['whole_peak'])} | {_gib(a['rises'][0])} | "
-                     f"{_ratio(a['tokens_per_s'], before and before['tokens_per_s'])} | {same} |")
+                     f"{_ratio(a['tokens_per_s'], before and before['tokens_per_s'])} | {same} | {_load(a)} |")
         L.append("")
 
     L.append("## Targets of issue 8\n")
