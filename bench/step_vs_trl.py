@@ -777,7 +777,7 @@ def _ratio(a: Optional[float], b: Optional[float], fmt: str = "{:.2f}×") -> str
     return fmt.format(a / b)
 
 
-def _load(row: Dict[str, Any]) -> str:
+def _load_cell(row: Dict[str, Any]) -> str:
     """1-minute load average when the row's child started and ended (2 cores: above ~2.5 the machine was shared)."""
     a, b = row.get("load_before"), row.get("load_after")
     return f"{a[0]:.1f} → {b[0]:.1f}" if a and b else "not recorded"
@@ -900,7 +900,7 @@ def render(results: Dict[str, Any]) -> str:
                      f"{r['pairs_per_s']:.3f} | {r['tokens_per_s']:.0f} | {_gib(r['whole_peak'])} | "
                      f"{_gib(r['peak_rise'])} | {_ratio(r['pairs_per_s'], dflt and dflt['pairs_per_s'])} | "
                      f"{_ratio(r['whole_peak'], dflt and dflt['whole_peak'])} | "
-                     f"{_ratio(r['pairs_per_s'], fastest and fastest['pairs_per_s'])} | {_load(r)} |")
+                     f"{_ratio(r['pairs_per_s'], fastest and fastest['pairs_per_s'])} | {_load_cell(r)} |")
         notes = []
         for r in trl_ok:
             eff = r.get("effective", {})
@@ -970,7 +970,7 @@ def render(results: Dict[str, Any]) -> str:
                     same += " (bf16: not expected to be identical)"
             L.append(f"| `{a['config']}` | {what} | {a['times'][0]:.2f} | {a['tokens_per_s']:.0f} | "
                      f"{_gib(a['whole_peak'])} | {_gib(a['rises'][0])} | "
-                     f"{_ratio(a['tokens_per_s'], before and before['tokens_per_s'])} | {same} | {_load(a)} |")
+                     f"{_ratio(a['tokens_per_s'], before and before['tokens_per_s'])} | {same} | {_load_cell(a)} |")
         L.append("")
 
     L.append("## Targets of issue 8\n")
