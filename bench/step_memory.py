@@ -16,6 +16,7 @@ Usage: ``python bench/step_memory.py [pairs]`` (default 8 pairs of the issue's l
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -51,6 +52,10 @@ def _category(path: str, t, module) -> str:
     if "self_attn" in path:
         leaf = path.rsplit(".", 1)[-1]
         return "attention core (sdpa)" if leaf == "self_attn" else "attention projections (LoRA linears)"
+    if path.rsplit(".", 1)[-1] == "lm_head":
+        # the model's own lm_head on zero rows (logits_to_keep empty): autocast's bf16 copy of the tied
+        # weight is saved by that output's graph, which is dropped at once (transient, not held to backward)
+        return "lm_head on zero rows (transient bf16 weight copy)"
     return "other: " + path.rsplit(".", 1)[-1]
 
 
@@ -147,7 +152,14 @@ def main() -> None:
               f"step {res['step_s']:.1f} s, layout {res['layout']} {res['rows_x_len']}, {res['precision']}")
         for k, v in res["saved_mib"].items():
             print(f"    saved for backward: {k:42s} {v:8.1f} MiB")
-    (ROOT / "bench" / "step_memory.json").write_text(json.dumps({"pairs": pairs, "results": results}, indent=1))
+    sys.path.insert(0, str(ROOT))
+    from fastpref.profiling import machine_info
+
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    meta = {"machine": machine_info(), "git": rev.strip(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "load_end": os.getloadavg()}
+    (ROOT / "bench" / "step_memory.json").write_text(json.dumps({"pairs": pairs, "results": results, **meta},
+                                                                indent=1))
 
 
 if __name__ == "__main__":

@@ -118,7 +118,9 @@ def _malloc_trim() -> None:
 
 
 class Meter:
-    """Per-step wall time and peak memory rise; ``whole`` = the largest VmHWM the process ever had."""
+    """Per-step wall time and peak memory rise; ``whole`` = the largest VmHWM the process ever had.
+    On a CUDA device: GPU memory instead (``max_memory_allocated``, reset per step; ``whole`` = the largest
+    allocation of the process), with the device synchronised around each step."""
 
     def __init__(self):
         self.whole = _status_kib("VmHWM") * 1024
@@ -150,6 +152,41 @@ class Meter:
         return self.whole
 
 
+class CudaMeter(Meter):
+    def __init__(self):
+        import torch
+
+        self.cuda = torch.cuda
+        self.whole = self.cuda.max_memory_allocated()
+        self.times, self.rises, self.rss_before = [], [], []
+        self._t0, self._rss0 = 0.0, 0
+
+    def begin(self) -> None:
+        self.cuda.synchronize()
+        self.whole = max(self.whole, self.cuda.max_memory_allocated())
+        gc.collect()
+        self.cuda.reset_peak_memory_stats()
+        self._rss0 = self.cuda.memory_allocated()
+        self._t0 = time.perf_counter()
+
+    def end(self) -> None:
+        self.cuda.synchronize()
+        dt = time.perf_counter() - self._t0
+        peak = self.cuda.max_memory_allocated()
+        self.whole = max(self.whole, peak)
+        self.times.append(dt)
+        self.rises.append(max(0, peak - self._rss0))
+        self.rss_before.append(self._rss0)
+
+    def final(self) -> int:
+        self.whole = max(self.whole, self.cuda.max_memory_allocated())
+        return self.whole
+
+
+def _meter(spec: Dict[str, Any]) -> Meter:
+    return CudaMeter() if (spec.get("device") or "cpu").startswith("cuda") else Meter()
+
+
 def _watchdog(cap_bytes: int, out_path: str, meter_ref: Dict[str, Any]) -> None:
     """Stop the process (status ``over_cap``) as soon as its resident set passes ``cap_bytes``."""
 
@@ -164,6 +201,21 @@ def _watchdog(cap_bytes: int, out_path: str, meter_ref: Dict[str, Any]) -> None:
             time.sleep(0.05)
 
     threading.Thread(target=loop, daemon=True).start()
+
+
+def _cap(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> None:
+    """The memory cap of a cap-search probe: a resident-set watchdog on the CPU; on a GPU the caching
+    allocator's limit (``set_per_process_memory_fraction``), so going over raises an out-of-memory error."""
+    if not spec.get("cap_bytes"):
+        return
+    device = spec.get("device") or "cpu"
+    if device == "cpu":
+        _watchdog(spec["cap_bytes"], spec["out"], meter_ref)
+        return
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_bytes"] / total), torch.device(device))
 
 
 def _quiet() -> None:
@@ -188,14 +240,21 @@ def _quiet() -> None:
         pass
 
 
-def _load(mode: str):
-    """``(policy, reference or None, tokenizer)`` for a mode; LoRA adapters are added by the caller."""
+def _load(mode: str, spec: Dict[str, Any]):
+    """``(policy, reference or None, tokenizer)`` for a mode on ``spec["device"]`` with
+    ``spec["attn"]`` attention (None: the model's default, sdpa); LoRA adapters are added by the caller."""
     from fastpref.models import load_smollm2
 
-    model, tok = load_smollm2()
+    def one():
+        model, tok = load_smollm2()
+        if spec.get("attn"):
+            model.set_attn_implementation(spec["attn"])
+        return model.to(spec.get("device") or "cpu"), tok
+
+    model, tok = one()
     ref = None
     if mode == "full":
-        ref, _ = load_smollm2()
+        ref, _ = one()
         ref.eval().requires_grad_(False)
     return model, ref, tok
 
@@ -235,13 +294,13 @@ def child_trl(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str, Any]
     _quiet()
     data = json.loads(Path(spec["data"]).read_text())
     B, k, mode = spec["pairs"], spec["steps"], spec["mode"]
-    model, ref, tok = _load(mode)
+    model, ref, tok = _load(mode, spec)
     peft_config = None
     if mode == "lora":
         from peft import LoraConfig
 
         peft_config = LoraConfig(**LORA)
-    meter = Meter()
+    meter = _meter(spec)
     meter_ref["meter"] = meter
     logged: List[Dict[str, Any]] = []
 
@@ -260,7 +319,8 @@ def child_trl(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str, Any]
 
     with tempfile.TemporaryDirectory(prefix="fastpref-trl-") as out_dir:
         args = DPOConfig(
-            output_dir=out_dir, report_to="none", use_cpu=True, max_length=spec["max_length"],
+            output_dir=out_dir, report_to="none", use_cpu=(spec.get("device") or "cpu") == "cpu",
+            max_length=spec["max_length"],
             per_device_train_batch_size=B, gradient_accumulation_steps=1, learning_rate=LR[mode], beta=BETA,
             loss_type=["sigmoid"], save_strategy="no", logging_steps=1, dataloader_num_workers=0,
             disable_dropout=True, max_steps=k, seed=0, lr_scheduler_type="linear", warmup_steps=0,
@@ -278,8 +338,7 @@ def child_trl(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str, Any]
                      "padding_free_effective": bool(getattr(trainer, "padding_free", args.padding_free)),
                      "optim": str(args.optim), "lr": args.learning_rate}
         checksum = _lora_checksum(trainer.model)
-        if spec.get("cap_bytes"):
-            _watchdog(spec["cap_bytes"], spec["out"], meter_ref)
+        _cap(spec, meter_ref)
         trainer.train()
     logged.sort(key=lambda x: x["step"])
     losses = [lg["loss"] for lg in logged]
@@ -306,7 +365,7 @@ def child_fastpref(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str,
         return {"status": "n/a", "reason": f"this fastpref's TrainConfig has no option {', '.join(missing)}"}
     data = json.loads(Path(spec["data"]).read_text())
     B, k, mode = spec["pairs"], spec["steps"], spec["mode"]
-    model, ref, tok = _load(mode)
+    model, ref, tok = _load(mode, spec)
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -329,10 +388,9 @@ def child_fastpref(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str,
     if engine is not None and hasattr(engine, "layout"):
         effective["trainer.layout"] = str(engine.layout)
     checksum = _lora_checksum(model)
-    meter = Meter()
+    meter = _meter(spec)
     meter_ref["meter"] = meter
-    if spec.get("cap_bytes"):
-        _watchdog(spec["cap_bytes"], spec["out"], meter_ref)
+    _cap(spec, meter_ref)
     records = []
     for _ in range(k):
         meter.begin()
@@ -364,7 +422,9 @@ def child_annotate(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str,
         return {"status": "n/a", "reason": f"neither CDRConfig nor ScoringModel has option {', '.join(missing)}"}
     data = json.loads(Path(spec["data"]).read_text())
     model, tok = load_smollm2()
-    model.eval()
+    if spec.get("attn"):
+        model.set_attn_implementation(spec["attn"])
+    model.to(spec.get("device") or "cpu").eval()
     bs = spec.get("batch_size", 8)
     strong = ScoringModel(model, tok, name="smollm2", batch_size=bs, **sm_opts)
     weak = ScoringModel(model, tok, name="smollm2", batch_size=bs, **sm_opts)
@@ -381,7 +441,7 @@ def child_annotate(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str,
             n_prompt = len(m.prompt_ids(m.render(p)))
             tokens += sum(n_prompt + len(ann._response_ids(m, t)) for t in it.texts)
     ann.process(items[:1])  # warm-up (thread pools, first-dispatch costs)
-    meter = Meter()
+    meter = _meter(spec)
     meter_ref["meter"] = meter
     scores = []
     meter.begin()
@@ -573,8 +633,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-train", action="store_true", help="skip the training rows (e.g. with --annotate)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every child (default: torch's)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per child")
-    ap.add_argument("--out", default=str(HERE / "RESULTS_STEP.md"))
-    ap.add_argument("--json", default=str(HERE / "results_step.json"))
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default) or cuda[:N]: both systems on that device, GPU memory measured "
+                         "(default output RESULTS_STEP_CUDA.md)")
+    ap.add_argument("--attn-implementation", default=None,
+                    help="the model's attention for every row, e.g. flex_attention or flash_attention_2 on a GPU "
+                         "(default: the model's, sdpa)")
+    ap.add_argument("--out", default=None, help="Markdown output (default bench/RESULTS_STEP.md; "
+                                                "bench/RESULTS_STEP_CUDA.md with --device cuda)")
+    ap.add_argument("--json", default=None, help="JSON output (default bench/results_step.json; "
+                                                 "bench/results_step_cuda.json with --device cuda)")
     ap.add_argument("--render", action="store_true", help="only re-render --out from --json")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of --json and replace only those run now (same pairs/steps/max length)")
@@ -582,6 +650,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     SKIP.update(w.strip().lower() for w in args.skip.split(",") if w.strip())
     if args.child:
         return child_main(args.child)
+    cuda = args.device.startswith("cuda")
+    if not (args.device == "cpu" or cuda):
+        ap.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+    args.out = args.out or str(HERE / ("RESULTS_STEP_CUDA.md" if cuda else "RESULTS_STEP.md"))
+    args.json = args.json or str(HERE / ("results_step_cuda.json" if cuda else "results_step.json"))
     if args.render:
         if not Path(args.json).is_file():
             ap.error(f"--render: {args.json}: no such file (run the benchmark first)")
@@ -622,14 +695,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "machine": machine_info(), "versions": versions(), "load_start": os.getloadavg(),
         "settings": {"pairs": pairs, "steps": steps, "max_length": max_length, "modes": modes, "lr": LR,
                      "beta": BETA, "lora": LORA, "cap_bytes": cap, "cap_max_pairs": cap_max,
-                     "threads": args.threads, "quick": q},
+                     "threads": args.threads, "quick": q, "device": args.device,
+                     "attn_implementation": args.attn_implementation},
         "trl_configs": TRL_CONFIGS, "fastpref_configs": fp_configs, "runs": [], "cap": [], "annotate": []}
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no CUDA device")
+        results["machine"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     if args.append and Path(args.json).is_file():
         old = json.loads(Path(args.json).read_text())
-        keys = ("pairs", "steps", "max_length")
-        if any(old["settings"].get(k) != results["settings"].get(k) for k in keys):
-            ap.error(f"--append: {args.json} was run with other {'/'.join(keys)}: "
-                     f"{[old['settings'].get(k) for k in keys]}")
+        keys = ("pairs", "steps", "max_length", "device", "attn_implementation")
+        was = dict({"device": "cpu", "attn_implementation": None}, **old["settings"])
+        if any(was.get(k) != results["settings"].get(k) for k in keys):
+            ap.error(f"--append: {args.json} was run with other {'/'.join(keys)}: {[was.get(k) for k in keys]}")
         for key in ("runs", "cap", "annotate"):
             results[key] = old.get(key, [])
         results["notes"] = old.get("notes", [])  # the operator's notes stay until edited in the JSON
@@ -653,7 +733,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tokens = data["stats_batch"]["sequence_tokens"]
     log(f"batch: {pairs} pairs, {tokens} tokens as 2 sequences per pair, padded fill "
         f"{data['stats_batch']['padded_fill']:.0%}")
-    base = {"data": data_path, "max_length": max_length, "threads": args.threads}
+    base = {"data": data_path, "max_length": max_length, "threads": args.threads, "device": args.device,
+            "attn": args.attn_implementation}
 
     def save():
         results["load_end"] = os.getloadavg()
@@ -718,7 +799,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if not matches(f"annotate {name}", args.only):
                     continue
                 log(f"annotate {name} ...")
-                res = run_child({"kind": "annotate", "data": ann_path, "options": opts, "threads": args.threads},
+                res = run_child({"kind": "annotate", "data": ann_path, "options": opts, "threads": args.threads,
+                                 "device": args.device, "attn": args.attn_implementation},
                                 args.timeout, log)
                 res.update(config=name, options=opts)
                 if res.get("status") == "ok":
@@ -822,6 +904,10 @@ def render(results: Dict[str, Any]) -> str:
     L.append("## Machine, versions, load\n")
     L.append(f"- CPU: {m.get('cpu')} ({m.get('cores')} cores, flags: {m.get('cpu_flags')}); torch threads "
              f"{s.get('threads') or m.get('torch_threads')}; Python {m.get('python')}")
+    if m.get("gpu"):
+        L.append(f"- GPU: {m['gpu']} (`--device {s.get('device')}`): memory columns are GPU memory "
+                 "(`torch.cuda.max_memory_allocated`), not the process's resident set")
+    L.append(f"- attention: {s.get('attn_implementation') or 'the model default (sdpa)'} in every row")
     L.append("- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()))
     if results.get("date_first"):
         L.append(f"- dates: rows from {results['date_first']} to {results.get('date_end', '?')} (several runs "
@@ -973,9 +1059,38 @@ def render(results: Dict[str, Any]) -> str:
                      f"{_ratio(a['tokens_per_s'], before and before['tokens_per_s'])} | {same} | {_load_cell(a)} |")
         L.append("")
 
+    L += memory_section(HERE / "step_memory.json")
     L.append("## Targets of issue 8\n")
     L += targets(results, checks)
     return "\n".join(L) + "\n"
+
+
+def memory_section(path: Path) -> List[str]:
+    """Where one fastpref step's memory goes, from ``bench/step_memory.py``'s JSON (if it was run)."""
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text())
+    res = d.get("results", {})
+    if not res:
+        return []
+    when = f"{d['date']}, git {d.get('git')}" if d.get("date") else "date not recorded"
+    L = ["## Where a fastpref step's memory goes (`python bench/step_memory.py`)\n",
+         f"One `Trainer.train_step()` per configuration in a fresh process, LoRA, {d.get('pairs')} pairs ({when}). "
+         "Step rise: resident-memory peak of the step minus RSS before it. Saved for backward: the bytes "
+         "autograd keeps during the policy forward, by the module that saved them (parameters not counted, "
+         "each storage once).\n",
+         "| configuration | layout | rows × length | step s | step peak rise | whole-process peak | saved for backward, by component (MiB) |",
+         "|---|---|---|---:|---:|---:|---|"]
+    for name, r in res.items():
+        parts = sorted(r.get("saved_mib", {}).items(), key=lambda kv: -kv[1])
+        saved = "; ".join(f"{k} {v:.0f}" for k, v in parts)
+        total = sum(v for _, v in parts)
+        rl = r.get("rows_x_len") or ["?", "?"]
+        L.append(f"| {name} | {r.get('layout')} | {rl[0]} × {rl[1]} | {r.get('step_s', 0):.1f} | "
+                 f"{r['peak_rise_mib'] / 1024:.2f} GiB | {r['whole_peak_mib'] / 1024:.2f} GiB | "
+                 f"total {total:.0f}: {saved} |")
+    L.append("")
+    return L
 
 
 def targets(results: Dict[str, Any], checks: List[Dict[str, Any]]) -> List[str]:

@@ -48,11 +48,12 @@ def alone(policy, groups, order="answer_major"):
     from fastpref.step.packing import sequence_numbers
 
     nums = sequence_numbers(groups, order)
+    device = next(policy.parameters()).device
     S = sum(len(g.answers) for g in groups)
     out = [None] * S
     for g, ns in zip(groups, nums):
         for a, s in zip(g.answers, ns):
-            ids = torch.tensor([list(g.prompt) + list(a)])
+            ids = torch.tensor([list(g.prompt) + list(a)], device=device)
             labels = ids.clone()
             labels[0, :len(g.prompt)] = -100
             out[s] = policy(ids, labels=labels).logps[0]

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from fastpref.ops import SequenceLogpsOutput, sequence_logps
-from fastpref.step.attention import mask_for_model, prefix_mask_support, probe_prefix_mask
-from fastpref.step.packing import (DEFAULT_MAX_TOKENS_PER_ROW, Group, PackedBatch, groups_from_examples,
+from fastpref.step.attention import (mask_for_attention, packed_layout_support, prefix_mask_support,
+                                      probe_prefix_mask)
+from fastpref.step.packing import (DEFAULT_MAX_TOKENS_PER_ROW, LAYOUTS, Group, PackedBatch, groups_from_examples,
                                    layout_groups)
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
@@ -91,8 +92,10 @@ class PreferenceStep:
         log: called with one line when the layout falls back (default: print to stderr).
 
     ``layout`` is ``"shared"`` (or ``"unshared"`` with ``share_prompt=False``) when every model takes the
-    prepared 4D mask (:func:`~fastpref.step.attention.prefix_mask_support` and the probe), else
-    ``"padded"`` (one right-padded row per sequence; ``reason`` says why).
+    prepared mask (``sdpa``/``eager``: a 4D tensor; ``flex_attention``: a block mask; see
+    :func:`~fastpref.step.attention.prefix_mask_support` and the probe); ``"unshared"`` when a model runs
+    a varlen kernel (flash attention: packed by position ids, no mask, so no prefix sharing); else
+    ``"padded"`` (one right-padded row per sequence). ``reason`` says why.
 
     Example (a DPO step)::
 
@@ -118,21 +121,16 @@ class PreferenceStep:
         self.max_tokens_per_row = max_tokens_per_row
         self.pad_token_id = int(pad_token_id)
         self.log = log if log is not None else _stderr
-        ok, reason = True, "packing=False"
+        wanted = ("shared" if self.share_prompt else "unshared") if packing else "padded"
+        layout, reason = wanted, "packing=False"
         for model in ([policy] + ([ref_model] if ref_model is not None else [])) if packing else []:
-            ok, reason = prefix_mask_support(model)
-            if ok and probe:
-                ok, reason = probe_prefix_mask(model)
-            if not ok:
-                break
-        self.reason = reason
-        if not packing:
-            self.layout = "padded"
-        elif ok:
-            self.layout = "shared" if self.share_prompt else "unshared"
-        else:
-            self.layout = "padded"
-            self.log(f"fastpref: packed prefix-shared sequences off ({reason}); using one padded row per sequence")
+            got, reason = _layout_for(model, layout, probe)
+            layout = got if LAYOUTS.index(got) > LAYOUTS.index(layout) else layout  # the most conservative
+        self.layout, self.reason = layout, reason
+        if layout == "padded" and wanted != "padded":
+            self.log(f"fastpref: packed sequences off ({reason}); using one padded row per sequence")
+        elif layout != wanted:
+            self.log(f"fastpref: prefix sharing off ({reason}); packing each prompt with each answer")
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -155,12 +153,10 @@ class PreferenceStep:
         ``model``: score with another :class:`~fastpref.hf.FusedCausalLM` (e.g. the reference) instead of
         the policy. The backbone runs through the wrapped model's own forward (DDP, compile, hooks apply)."""
         target = model if model is not None else self.policy
-        mask = packed.attention_mask
-        if packed.layout != "padded":
-            # the attention's compute dtype, so that every layer shares this one mask (see mask_for_model)
-            dtype = torch.bfloat16 if self.precision == "bf16-mixed" else \
-                target.causal_lm.get_input_embeddings().weight.dtype
-            mask = mask_for_model(mask, target.config, dtype)
+        # the attention's compute dtype, so that every layer shares this one mask (see mask_for_model)
+        dtype = torch.bfloat16 if self.precision == "bf16-mixed" else \
+            target.causal_lm.get_input_embeddings().weight.dtype
+        mask = mask_for_attention(packed, target.config, dtype)
         with autocast_context(self.precision, self.device):
             hidden = target.hidden_states(packed.input_ids, mask, packed.position_ids)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.rows)
@@ -198,6 +194,25 @@ class PreferenceStep:
             return fn()
         finally:
             model.train(was)
+
+
+def _layout_for(model, wanted: str, probe: bool) -> Tuple[str, str]:
+    """``(layout, reason)``: ``wanted`` when ``model`` computes it exactly (config checks, then the probe),
+    ``"unshared"`` for a varlen kernel (it takes packed sequences but no mask), else ``"padded"``."""
+    if wanted == "padded":
+        return wanted, "packing=False"
+    ok, reason = prefix_mask_support(model)
+    if not ok:
+        varlen, why = packed_layout_support(model)
+        if not varlen:
+            return "padded", reason
+        wanted, reason = "unshared", why
+    if probe:
+        ok, why = probe_prefix_mask(model, layout=wanted)
+        if not ok:
+            return "padded", why
+        reason = f"{reason}; {why}"
+    return wanted, reason
 
 
 def _stderr(text: str) -> None:

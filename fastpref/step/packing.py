@@ -52,6 +52,10 @@ class PackedBatch:
     num_seqs: number of sequences (sum of the groups' answer counts).
     num_tokens: real (non-padding) tokens in the batch; num_slots: ``R * L``.
     layout: ``"shared"``, ``"unshared"`` or ``"padded"``.
+    segment_ids, block_ids: ``shared``/``unshared`` only, [R, L] int64: the mask in O(R * L) (what a
+        flex-attention block mask is built from). A query may attend a key when both have the same
+        segment id, the key is not later, and the key's block is 0 (prompt) or the query's block (its
+        own answer). Each padding slot has a segment id of its own (negative).
     """
 
     input_ids: Tensor
@@ -64,13 +68,16 @@ class PackedBatch:
     num_tokens: int
     num_slots: int
     layout: str
+    segment_ids: Optional[Tensor] = None
+    block_ids: Optional[Tensor] = None
 
     def to(self, device) -> "PackedBatch":
         """A copy with every tensor on ``device``."""
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.attention_mask),
                            move(self.rows), move(self.labels), move(self.seq_ids), self.num_seqs,
-                           self.num_tokens, self.num_slots, self.layout)
+                           self.num_tokens, self.num_slots, self.layout, move(self.segment_ids),
+                           move(self.block_ids))
 
     @property
     def fill(self) -> float:
@@ -206,6 +213,7 @@ def pack_groups(groups: Sequence[Group], *, share_prompt: bool = True,
         rows=torch.tensor(rows, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
         seq_ids=torch.tensor(seq, dtype=torch.long), num_seqs=sum(len(g.answers) for g in groups),
         num_tokens=sum(lengths), num_slots=R * L, layout="shared" if share_prompt else "unshared",
+        segment_ids=island, block_ids=block,
     )
 
 
