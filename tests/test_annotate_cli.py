@@ -110,6 +110,12 @@ def test_rlaif_command(tmp_path, model_dirs, capsys):
     recs = read(out)
     assert len(recs) == 2 and all(0 < r["ai_preference"] < 1 and len(r["rationales"]) == 2 for r in recs)
     assert json.loads(open(out + ".metrics.json").read())["judged"] == 2
+    # the judge prompts' shared start run once per micro-batch or per prompt: the same labels
+    plain = str(tmp_path / "plain.jsonl")
+    assert main(["annotate", "rlaif", "-i", inp, "-o", plain, "--labeler", labeler, "--task", "dialogue", "--cot",
+                 "--max-new-tokens", "2", "--no-progress", "--no-share-prefix"]) == 0
+    for a, b in zip(recs, read(plain)):
+        assert abs(a["ai_preference"] - b["ai_preference"]) < 1e-5 and a["rationales"] == b["rationales"]
     direct = str(tmp_path / "direct.jsonl")
     assert main(["annotate", "rlaif", "-i", inp, "-o", direct, "--labeler", labeler, "--mode", "direct",
                  "--no-progress"]) == 0

@@ -10,6 +10,7 @@ from fastpref.annotate.scoring import (
     restricted_logprobs,
     restricted_logprobs_ref,
 )
+from fastpref.annotate import scoring as scoring_mod
 from fastpref.models import TINY_ARCHITECTURES, tiny_model
 from fastpref.ops import backend_reasons
 
@@ -142,3 +143,71 @@ def test_generate_is_greedy(lm):
 def test_move_trailing_space():
     assert move_trailing_space("SCORE: ", ["1", "10"]) == ("SCORE:", [" 1", " 10"])
     assert move_trailing_space("Preferred Summary=", ["1"]) == ("Preferred Summary=", ["1"])
+
+
+# -- shared-prefix next-token scoring ---------------------------------------------------------------
+
+
+def _spy_shared(monkeypatch):
+    """Count the micro-batches that took the shared-prefix path."""
+    taken = []
+    original = ScoringModel._shared_last_hidden
+
+    def spy(self, seqs):
+        out = original(self, seqs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(ScoringModel, "_shared_last_hidden", spy)
+    return taken
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+@pytest.mark.parametrize("row_tokens", [2048, 70], ids=["one_row", "rows_of_70"])
+def test_shared_prefix_next_token_logps_equal_the_unshared(lm, arch, row_tokens, monkeypatch):
+    _, tok = lm
+    model, _ = tiny_model(arch, tokenizer=tok, seed=4, initializer_range=0.3)
+    model.eval()
+    common = list(range(5, 45))  # 40 shared tokens: the judge's instructions and exemplars
+    suffixes = [[7], [9, 3, 1], list(range(50, 75)), [11, 12], list(range(80, 97)), [4] * 6]
+    prefixes = [common + s for s in suffixes] + [common[:30] + [2, 2]]  # shares only 30 with the rest
+    cands = [3, 17, 150]
+    monkeypatch.setattr(scoring_mod, "SHARED_ROW_TOKENS", row_tokens)
+    taken = _spy_shared(monkeypatch)
+    got = ScoringModel(model, tok, batch_size=8, chat_template="off").next_token_logps(prefixes, cands)
+    assert taken == [True], "the common prefix was not shared"
+    for i, p in enumerate(prefixes):
+        want = naive_next_logprobs(model, p)[cands]
+        torch.testing.assert_close(got[i].double(), want, rtol=0, atol=2e-5, msg=f"prefix {i}")
+    off = ScoringModel(model, tok, batch_size=8, chat_template="off", share_prefix=False)
+    torch.testing.assert_close(off.next_token_logps(prefixes, cands), got, rtol=0, atol=2e-5)
+    assert taken == [True, False]
+
+
+def test_short_common_prefix_and_single_prefix_are_not_shared(lm, monkeypatch):
+    model, tok = lm
+    taken = _spy_shared(monkeypatch)
+    scorer = ScoringModel(model, tok, batch_size=4, chat_template="off")
+    short = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 9, 9, 9, 9]]
+    got = scorer.next_token_logps(short, [5, 6])
+    got1 = scorer.next_token_logps([list(range(3, 40))], [5, 6])
+    assert taken == [False, False]
+    for i, p in enumerate(short):
+        torch.testing.assert_close(got[i].double(), naive_next_logprobs(model, p)[[5, 6]], rtol=0, atol=2e-5)
+    torch.testing.assert_close(got1[0].double(), naive_next_logprobs(model, list(range(3, 40)))[[5, 6]],
+                               rtol=0, atol=2e-5)
+
+
+def test_shared_prefix_falls_back_for_a_sliding_window_model(lm, monkeypatch, capsys):
+    _, tok = lm
+    model, _ = tiny_model("qwen2", tokenizer=tok, seed=4, use_sliding_window=True, sliding_window=5,
+                          max_window_layers=0)
+    model.eval()
+    prefixes = [list(range(5, 40)) + [k] * (k % 4 + 1) for k in range(4)]
+    taken = _spy_shared(monkeypatch)
+    got = ScoringModel(model, tok, batch_size=8, chat_template="off", name="judge").next_token_logps(prefixes, [3, 4])
+    assert taken == [False]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("judge: ") and "sliding" in err[0], err
+    for i, p in enumerate(prefixes):
+        torch.testing.assert_close(got[i].double(), naive_next_logprobs(model, p)[[3, 4]], rtol=0, atol=2e-5)

@@ -113,6 +113,9 @@ def add_arguments(parser) -> None:
     _common(rl)
     g = rl.add_argument_group("RLAIF")
     g.add_argument("--labeler", required=True, help="the labeler model")
+    g.add_argument("--share-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the judge prompts' common start (instructions, exemplars) once per micro-batch "
+                        "(default on; exact)")
     g.add_argument("--mode", default="pairwise", choices=("pairwise", "direct"),
                    help="pairwise soft preference, or direct 1-10 score (d-RLAIF)")
     g.add_argument("--task", default="summarization", choices=("summarization", "dialogue"))
@@ -197,7 +200,7 @@ class _Models:
         try:
             return ScoringModel(model, tok, name=spec, batch_size=self.args.batch_size,
                                 max_length=self.args.max_length, chat_template=self.args.chat_template,
-                                backend=self.args.backend)
+                                backend=self.args.backend, share_prefix=getattr(self.args, "share_prefix", True))
         except ValueError as exc:
             raise UsageError(f"{flag} {spec}: {exc}") from None
 

@@ -14,6 +14,12 @@
     ``sum_k log pi(c_k | prefix, c_<k)``, computed by the fused op over its tokens;
   - :meth:`~ScoringModel.generate`: greedy continuations (chain-of-thought rationales).
 
+  Next-token scoring (:meth:`~ScoringModel.last_hidden`, hence single-token candidates: the RLAIF
+  judge's "1"/"2") runs the token prefix common to a micro-batch once (``share_prefix``): the judge's
+  instructions and few-shot exemplars are the same in every prompt, so they become the shared prompt of
+  one :mod:`fastpref.step` group whose answers are the prompts' remaining tokens; the hidden state at each
+  prompt's last token equals the unshared one to fp32 round-off.
+
 Prompt and response are tokenised separately and concatenated, so the prompt boundary is exact for
 every tokenizer (the official CDR code finds it by token count, which a BOS mismatch can shift by one).
 """
@@ -30,8 +36,14 @@ from fastpref.hf import FusedCausalLM
 from fastpref.ops import sequence_logps
 from fastpref.ops.constants import DEFAULT_CHUNK_BYTES, IGNORE_INDEX
 from fastpref.ops.restricted import restricted_logprobs, restricted_logprobs_ref, restricted_logps  # noqa: F401 - old names
+from fastpref.step import Group, PreferenceStep
+from fastpref.step.attention import mask_for_attention
 
 PromptLike = Union[str, List[dict]]
+# Shared-prefix next-token scoring: shorter common prefixes are not worth a custom mask; a row holds at
+# most SHARED_ROW_TOKENS tokens (the prefix + the suffixes that fit), which bounds its [L, L] mask.
+MIN_SHARED_PREFIX = 16
+SHARED_ROW_TOKENS = 2048
 
 
 def move_trailing_space(text: str, candidates: Sequence[str]) -> Tuple[str, List[str]]:
@@ -63,6 +75,14 @@ def left_padded(seqs: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[Ten
     return ids, mask, (mask.cumsum(-1) - 1).clamp_min(0)
 
 
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n
+
+
 class ScoringModel:
     """A frozen causal LM and its tokenizer, scoring in inference mode through the fused op.
 
@@ -76,11 +96,13 @@ class ScoringModel:
             ``max_position_embeddings`` (no limit if the config has none).
         chat_template: ``"auto"`` (use the tokenizer's chat template when it has one), ``"on"`` or ``"off"``.
         backend, chunk_bytes: passed to the fused op.
+        share_prefix: next-token scoring runs a micro-batch's common token prefix once (module
+            docstring); a model that cannot take the prefix-sharing mask falls back with one line.
     """
 
     def __init__(self, model, tokenizer, *, name: Optional[str] = None, batch_size: int = 8,
                  max_length: Optional[int] = None, chat_template: str = "auto", backend: str = "auto",
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, share_prefix: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if chat_template not in ("auto", "on", "off"):
@@ -97,6 +119,8 @@ class ScoringModel:
         self.backend = backend
         self.fused = FusedCausalLM(model, backend=backend, chunk_bytes=chunk_bytes)
         self.chunk_bytes = chunk_bytes
+        self.share_prefix = bool(share_prefix)
+        self._prefix_step: Optional[PreferenceStep] = None  # built on first use (it probes the model)
         self.use_chat = chat_template == "on" or (chat_template == "auto" and has_template)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
@@ -208,14 +232,57 @@ class ScoringModel:
         out = None
         for batch in self._order([len(p) for p in prefixes]):
             seqs = [list(prefixes[i]) for i in batch]
-            ids, _, mask = self._pad_right(seqs)
-            hidden = self.fused.hidden_states(ids, mask)  # right padding: default positions are right
-            last = torch.tensor([len(s) - 1 for s in seqs], device=hidden.device)
-            rows = hidden[torch.arange(len(seqs), device=hidden.device), last]
+            rows = self._shared_last_hidden(seqs)
+            if rows is None:
+                ids, _, mask = self._pad_right(seqs)
+                hidden = self.fused.hidden_states(ids, mask)  # right padding: default positions are right
+                last = torch.tensor([len(s) - 1 for s in seqs], device=hidden.device)
+                rows = hidden[torch.arange(len(seqs), device=hidden.device), last]
             if out is None:
                 out = rows.new_empty(len(prefixes), rows.shape[-1])
             out[torch.tensor(batch, device=rows.device)] = rows
         return out
+
+    def _shared_last_hidden(self, seqs: List[List[int]]) -> Optional[Tensor]:
+        """Last-token hidden rows of ``seqs`` with their common prefix run once; None when sharing is off,
+        not worth it, or the model cannot take the layout (then the caller pads)."""
+        if not self.share_prefix or len(seqs) < 2:
+            return None
+        c = min(_common_prefix_len(seqs), min(len(s) for s in seqs) - 1)  # every suffix keeps a token
+        if c < MIN_SHARED_PREFIX:
+            return None
+        step = self._step()
+        if step is None:
+            return None
+        # suffixes in groups that fit a row with the prefix; each gets one extra (pad) token so that the
+        # row of its last real token is the one predicting a label: the op inputs' largest row per sequence
+        groups: List[List[int]] = [[]]
+        used = c
+        for k, s in enumerate(seqs):
+            if groups[-1] and used + len(s) - c + 1 > SHARED_ROW_TOKENS:
+                groups.append([])
+                used = c
+            groups[-1].append(k)
+            used += len(s) - c + 1
+        packed = step.pack_groups([Group(seqs[0][:c], [seqs[k][c:] + [self.pad_id] for k in g]) for g in groups],
+                                  order="group_major")
+        dtype = self.fused.causal_lm.get_input_embeddings().weight.dtype
+        hidden = self.fused.hidden_states(packed.input_ids, mask_for_attention(packed, self.fused.config, dtype),
+                                          packed.position_ids)
+        last = torch.full((packed.num_seqs,), -1, dtype=torch.long, device=packed.rows.device)
+        last = last.scatter_reduce(0, packed.seq_ids, packed.rows, reduce="amax")
+        order = torch.tensor([k for g in groups for k in g], device=last.device)  # sequence id -> seqs index
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last)
+        return rows.index_select(0, torch.argsort(order))
+
+    def _step(self) -> Optional[PreferenceStep]:
+        if self._prefix_step is None:
+            import sys
+
+            self._prefix_step = PreferenceStep(
+                self.fused, share_prompt=True, max_tokens_per_row=SHARED_ROW_TOKENS, precision="fp32",
+                pad_token_id=self.pad_id, log=lambda line: print(f"{self.name}: {line}", file=sys.stderr))
+        return self._prefix_step if self._prefix_step.layout == "shared" else None
 
     def next_token_logps(self, prefixes: Sequence[Sequence[int]], token_ids: Sequence[int]) -> Tensor:
         """[n, C] ``log pi(token | prefix)`` normalised over the full vocabulary (CPU, fp32)."""
