@@ -443,7 +443,16 @@ def child_annotate(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str,
         for m, p in ((strong, sp), (weak, wp)):
             n_prompt = len(m.prompt_ids(m.render(p)))
             tokens += sum(n_prompt + len(ann._response_ids(m, t)) for t in it.texts)
-    ann.process(items[:1])  # warm-up (thread pools, first-dispatch costs)
+    meter, scores = _timed_annotation(ann, items, bs, spec, meter_ref, lambda rec: rec["scores"])
+    return {"status": "ok", "times": meter.times, "rises": meter.rises, "whole_peak": meter.final(),
+            "tokens": tokens, "scores": scores, "records": len(items),
+            "candidates": sum(len(it.texts) for it in items), "options": {"CDRConfig": cfg_opts, "ScoringModel": sm_opts}}
+
+
+def _timed_annotation(ann, items, bs: int, spec: Dict[str, Any], meter_ref: Dict[str, Any], score_of):
+    """``(meter, scores)``: one warm-up item (thread pools, first-dispatch costs), then every item in
+    micro-batches of ``bs`` timed as one measurement."""
+    ann.process(items[:1])
     meter = _meter(spec)
     meter_ref["meter"] = meter
     scores = []
@@ -452,11 +461,9 @@ def child_annotate(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str,
         for out in ann.process(items[s:s + bs]):
             if out.error:
                 raise RuntimeError(f"annotation error: {out.error}")
-            scores.append(out.record["scores"])
+            scores.append(score_of(out.record))
     meter.end()
-    return {"status": "ok", "times": meter.times, "rises": meter.rises, "whole_peak": meter.final(),
-            "tokens": tokens, "scores": scores, "records": len(items),
-            "candidates": sum(len(it.texts) for it in items), "options": {"CDRConfig": cfg_opts, "ScoringModel": sm_opts}}
+    return meter, scores
 
 
 def child_rlaif(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str, Any]:
@@ -481,17 +488,8 @@ def child_rlaif(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str, An
     items = [ann.parse(rec, i + 1) for i, rec in enumerate(recs[:-2])]
     tokens = sum(len(labeler.prompt_ids(ann.score_prompt(*ann_slots))) for ann_slots in
                  ((_ctx(it), it.texts[x], it.texts[y]) for it in items for x, y in ((0, 1), (1, 0))))
-    ann.process(items[:1])  # warm-up
-    meter = _meter(spec)
-    meter_ref["meter"] = meter
-    scores = []
-    meter.begin()
-    for s in range(0, len(items), bs):
-        for out in ann.process(items[s:s + bs]):
-            if out.error:
-                raise RuntimeError(f"annotation error: {out.error}")
-            scores.append([out.record["p_order_ab"], out.record["p_order_ba"]])
-    meter.end()
+    meter, scores = _timed_annotation(ann, items, bs, spec, meter_ref,
+                                      lambda rec: [rec["p_order_ab"], rec["p_order_ba"]])
     return {"status": "ok", "times": meter.times, "rises": meter.rises, "whole_peak": meter.final(),
             "tokens": tokens, "scores": scores, "records": len(items), "candidates": 2 * len(items),
             "options": {"ScoringModel": options}}
