@@ -198,6 +198,22 @@ def targets(results: List[Dict[str, Any]]) -> List[str]:
     return lines
 
 
+def frozen_head_section(path: Path) -> List[str]:
+    """The latest run of ``bench/frozen_head.py`` (its file keeps every run), headings one level down."""
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    marker = "## Frozen-head fast path, "
+    if marker not in text:
+        return []
+    latest = text[text.rindex(marker):].strip().splitlines()
+    body = [("#" + ln) if ln.startswith("#") else ln for ln in latest]
+    return ["", "## Frozen-head path (LoRA, frozen embeddings)", "",
+            "The op with a head that needs no gradient: the hidden gradient is computed in the forward pass, "
+            "2 vocabulary GEMMs instead of 3 (`frozen_head=None`, the default, picks it). Latest run of "
+            f"`python bench/frozen_head.py` (all runs: [{path.name}]({path.name})):", "", *body]
+
+
 def render(data: Dict[str, Any]) -> str:
     info = data["machine"]
     out = [
@@ -255,6 +271,7 @@ def render(data: Dict[str, Any]) -> str:
             f"{FLOOR_RATIO}x the GEMM floor of the mode used (4 GEMMs default, 3 keep-logits); faster than naive "
             "everywhere, >= 2x in bf16; CCE's time at <= half its peak memory.", ""]
     out += targets(data["results"])
+    out += frozen_head_section(Path(__file__).with_name("RESULTS_FROZEN_HEAD.md"))
     notes = Path(__file__).with_name("NOTES.md")
     if notes.exists():
         out += ["", notes.read_text().strip()]
