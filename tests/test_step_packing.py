@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from fastpref.step.packing import (Group, groups_from_examples, layout_groups, pack_groups, pad_groups,
-                                   sequence_numbers)
+from fastpref.step.packing import (Group, _first_fit_decreasing, _pack_rows, groups_from_examples, layout_groups,
+                                   pack_groups, pad_groups, sequence_numbers)
 
 
 def random_groups(seed, n_groups, n_answers, max_prompt=9, max_answer=6, min_prompt=1):
@@ -123,10 +123,25 @@ def test_rows_respect_the_capacity_and_long_groups_get_their_own_row():
 
 
 def test_first_fit_decreasing_fills_rows():
+    assert _first_fit_decreasing([5, 4, 6], 10) == [[2, 1], [0]]
     groups = [Group([1] * 3, [[2], [3]]), Group([4] * 2, [[5], [6]]), Group([7] * 4, [[8], [9]])]
-    p = pack_groups(groups, max_tokens_per_row=10)  # segments of 5, 4, 6 tokens -> [6, 4] and [5]
-    assert p.input_ids.shape == (2, 10)
+    p = pack_groups(groups, max_tokens_per_row=10)  # segments of 5, 4, 6 tokens
+    # at capacity 10: rows [6, 4] and [5], 20 slots; at 6 (3/5 of it): three rows of 6, 18 slots
+    assert p.input_ids.shape == (3, 6)
     check_layout(p, groups)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_row_capacity_is_chosen_for_the_fewest_slots(seed):
+    rnd = random.Random(seed)
+    lengths = [rnd.randint(1, 60) for _ in range(rnd.randint(1, 30))]
+    cap = rnd.randint(20, 120)
+    bins = _pack_rows(lengths, cap)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    fill = [sum(lengths[i] for i in b) for b in bins]
+    assert all(f <= cap or len(b) == 1 for f, b in zip(fill, bins)), "a row over the capacity"
+    full = _first_fit_decreasing(lengths, cap)
+    assert len(bins) * max(fill) <= len(full) * max(sum(lengths[i] for i in b) for b in full)
 
 
 def test_prompt_and_answers_of_length_one_and_an_empty_prompt():

@@ -11,7 +11,8 @@ completion; CDR: all candidates of a prompt). Three layouts, all described by on
   mask; transformers then builds its own masks, sliding windows included).
 
 Segments are packed first-fit-decreasing into rows of at most ``max_tokens_per_row`` tokens (a longer
-segment gets a row of its own), so the ``[R, 1, L, L]`` mask stays small. The op inputs select the hidden
+segment gets a row of its own; a smaller capacity is used when it leaves fewer padding slots), so the
+``[R, 1, L, L]`` mask stays small. The op inputs select the hidden
 rows that predict answer tokens: the last prompt position predicts the first token of *every* answer of
 its group, so it appears N times, each time with another label. Sequences are numbered in the collator's
 order: answer-major (all first answers, then all second answers ...: for pairs chosen ``[0, B)`` then
@@ -149,6 +150,20 @@ def _first_fit_decreasing(lengths: List[int], capacity: int) -> List[List[int]]:
     return bins
 
 
+def _pack_rows(lengths: List[int], capacity: int) -> List[List[int]]:
+    """First-fit-decreasing bins of at most ``capacity`` tokens (a longer segment alone), at the capacity
+    (``capacity`` or 1/2 .. 7/8 of it) that leaves the fewest token slots ``R * L``, then the least
+    attention work ``R * L**2``: a full capacity can leave every row a segment short."""
+    best = None
+    for c in sorted({max(1, capacity * k // 8) for k in range(4, 9)}):
+        bins = _first_fit_decreasing(lengths, c)
+        L = max(sum(lengths[i] for i in b) for b in bins)
+        cost = (len(bins) * L, len(bins) * L * L)
+        if best is None or cost < best[0]:
+            best = (cost, bins)
+    return best[1]
+
+
 def pack_groups(groups: Sequence[Group], *, share_prompt: bool = True,
                 max_tokens_per_row: Optional[int] = DEFAULT_MAX_TOKENS_PER_ROW, order: str = "answer_major",
                 pad_token_id: int = 0) -> PackedBatch:
@@ -162,8 +177,8 @@ def pack_groups(groups: Sequence[Group], *, share_prompt: bool = True,
     numbers = sequence_numbers(groups, order)
     segs = _segments(groups, numbers, share_prompt)
     lengths = [len(s) for s in segs]
-    cap = sum(lengths) if max_tokens_per_row is None else int(max_tokens_per_row)
-    bins = _first_fit_decreasing(lengths, cap)
+    bins = ([list(range(len(lengths)))] if max_tokens_per_row is None
+            else _pack_rows(lengths, int(max_tokens_per_row)))
     R = len(bins)
     L = max(sum(lengths[i] for i in b) for b in bins)
 
