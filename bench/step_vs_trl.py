@@ -469,6 +469,7 @@ def _timed_annotation(ann, items, bs: int, spec: Dict[str, Any], meter_ref: Dict
 def child_rlaif(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str, Any]:
     import inspect
 
+    from fastpref.annotate.records import transcript
     from fastpref.annotate.rlaif import PairExemplar, RLAIFConfig, RLAIFLabeler
     from fastpref.annotate.scoring import ScoringModel
     from fastpref.models import load_smollm2
@@ -486,19 +487,13 @@ def child_rlaif(spec: Dict[str, Any], meter_ref: Dict[str, Any]) -> Dict[str, An
                   for r in recs[-2:])
     ann = RLAIFLabeler(labeler, RLAIFConfig(task="dialogue", preamble="detailed", exemplars=shots, debias=True))
     items = [ann.parse(rec, i + 1) for i, rec in enumerate(recs[:-2])]
-    tokens = sum(len(labeler.prompt_ids(ann.score_prompt(*ann_slots))) for ann_slots in
-                 ((_ctx(it), it.texts[x], it.texts[y]) for it in items for x, y in ((0, 1), (1, 0))))
+    tokens = sum(len(labeler.prompt_ids(ann.score_prompt(transcript(it.prompt), it.texts[x], it.texts[y])))
+                 for it in items for x, y in ((0, 1), (1, 0)))
     meter, scores = _timed_annotation(ann, items, bs, spec, meter_ref,
                                       lambda rec: [rec["p_order_ab"], rec["p_order_ba"]])
     return {"status": "ok", "times": meter.times, "rises": meter.rises, "whole_peak": meter.final(),
             "tokens": tokens, "scores": scores, "records": len(items), "candidates": 2 * len(items),
             "options": {"ScoringModel": options}}
-
-
-def _ctx(item) -> str:
-    from fastpref.annotate.records import transcript
-
-    return transcript(item.prompt)
 
 
 def child_main(spec_path: str) -> int:
@@ -547,8 +542,10 @@ def run_child(spec: Dict[str, Any], timeout: float, log) -> Dict[str, Any]:
         root = spec.get("root") or str(REPO)  # another source tree of fastpref (--before-tree)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         # each row carries its own provenance: --append mixes rows of several runs and machine states
+        from fastpref.profiling import machine_info
+
         prov = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_before": os.getloadavg(), "git": git_rev(),
-                "cpu": _cpu_name()}
+                "cpu": machine_info().get("cpu")}
         t0 = time.time()
         try:
             proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", spec_path],
@@ -569,14 +566,6 @@ def run_child(spec: Dict[str, Any], timeout: float, log) -> Dict[str, Any]:
         res["child_wall_s"] = wall
         res.update(prov, load_after=os.getloadavg())
         return res
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    except OSError:
-        return "?"
 
 
 def summarize(res: Dict[str, Any], pairs: int, tokens: int) -> Dict[str, Any]:

@@ -37,7 +37,6 @@ from fastpref.ops import sequence_logps
 from fastpref.ops.constants import DEFAULT_CHUNK_BYTES, IGNORE_INDEX
 from fastpref.ops.restricted import restricted_logprobs, restricted_logprobs_ref, restricted_logps  # noqa: F401 - old names
 from fastpref.step import Group, PreferenceStep
-from fastpref.step.attention import mask_for_attention
 
 PromptLike = Union[str, List[dict]]
 # Shared-prefix next-token scoring: shorter common prefixes are not worth a custom mask; a row holds at
@@ -266,9 +265,7 @@ class ScoringModel:
             used += len(s) - c + 1
         packed = step.pack_groups([Group(seqs[0][:c], [seqs[k][c:] + [self.pad_id] for k in g]) for g in groups],
                                   order="group_major")
-        dtype = self.fused.causal_lm.get_input_embeddings().weight.dtype
-        hidden = self.fused.hidden_states(packed.input_ids, mask_for_attention(packed, self.fused.config, dtype),
-                                          packed.position_ids)
+        hidden = step.hidden_states(packed)
         last = torch.full((packed.num_seqs,), -1, dtype=torch.long, device=packed.rows.device)
         last = last.scatter_reduce(0, packed.seq_ids, packed.rows, reduce="amax")
         order = torch.tensor([k for g in groups for k in g], device=last.device)  # sequence id -> seqs index

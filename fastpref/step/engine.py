@@ -19,6 +19,7 @@ import functools
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 
 from fastpref.ops import SequenceLogpsOutput, sequence_logps
 from fastpref.step.attention import (mask_for_attention, packed_layout_support, prefix_mask_support,
@@ -147,18 +148,24 @@ class PreferenceStep:
 
     # -- log-probs ------------------------------------------------------------------------------
 
-    def logps(self, packed: PackedBatch, *, model=None) -> SequenceLogpsOutput:
-        """Per-sequence sums [S] (fp32) and counts [S] of ``packed``; differentiable when grad is enabled.
-
-        ``model``: score with another :class:`~fastpref.hf.FusedCausalLM` (e.g. the reference) instead of
-        the policy. The backbone runs through the wrapped model's own forward (DDP, compile, hooks apply)."""
+    def hidden_states(self, packed: PackedBatch, *, model=None) -> Tensor:
+        """Final hidden states [R, L, H] of ``packed`` (the mask the model's attention takes, under the
+        step's precision); ``model`` as in :meth:`logps`."""
         target = model if model is not None else self.policy
         # the attention's compute dtype, so that every layer shares this one mask (see mask_for_model)
         dtype = torch.bfloat16 if self.precision == "bf16-mixed" else \
             target.causal_lm.get_input_embeddings().weight.dtype
         mask = mask_for_attention(packed, target.config, dtype)
         with autocast_context(self.precision, self.device):
-            hidden = target.hidden_states(packed.input_ids, mask, packed.position_ids)
+            return target.hidden_states(packed.input_ids, mask, packed.position_ids)
+
+    def logps(self, packed: PackedBatch, *, model=None) -> SequenceLogpsOutput:
+        """Per-sequence sums [S] (fp32) and counts [S] of ``packed``; differentiable when grad is enabled.
+
+        ``model``: score with another :class:`~fastpref.hf.FusedCausalLM` (e.g. the reference) instead of
+        the policy. The backbone runs through the wrapped model's own forward (DDP, compile, hooks apply)."""
+        target = model if model is not None else self.policy
+        hidden = self.hidden_states(packed, model=model)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.rows)
         weight, bias = target.head()
         op = functools.partial(sequence_logps, labels=packed.labels, temperature=target.temperature,

@@ -12,8 +12,7 @@ completion; CDR: all candidates of a prompt). Three layouts, all described by on
 
 Segments are packed first-fit-decreasing into rows of at most ``max_tokens_per_row`` tokens (a longer
 segment gets a row of its own; a smaller capacity is used when it leaves fewer padding slots), so the
-``[R, 1, L, L]`` mask stays small. The op inputs select the hidden
-rows that predict answer tokens: the last prompt position predicts the first token of *every* answer of
+``[R, 1, L, L]`` mask stays small. The op inputs select the hidden rows that predict answer tokens: the last prompt position predicts the first token of *every* answer of
 its group, so it appears N times, each time with another label. Sequences are numbered in the collator's
 order: answer-major (all first answers, then all second answers ...: for pairs chosen ``[0, B)`` then
 rejected ``[B, 2B)``), or group-major for groups with different numbers of answers.
